@@ -1,0 +1,26 @@
+"""lightning_clipes: CLIP-ES weakly-supervised segmentation as one PyTorch Lightning job.
+
+Public names are imported lazily, so ``lightning_clipes.components`` (the plain-torch math) can be
+used without importing Lightning.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CLIPES": "lightning_clipes.components.clipes",
+    "ClassMaps": "lightning_clipes.components.clipes",
+    "load_clip": "lightning_clipes.components.clip_loader",
+    "register_clip_config": "lightning_clipes.components.clip_loader",
+    "CLIPESLabeler": "lightning_clipes.labeler",
+    "VOCDataModule": "lightning_clipes.data.voc_datamodule",
+    "SyntheticVOCDataModule": "lightning_clipes.data.voc_datamodule",
+    "cli_main": "lightning_clipes.cli",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_clipes' has no attribute {name!r}")

@@ -1,0 +1,156 @@
+"""Load a frozen open_clip ViT from a pretrained tag, an OpenAI ``.pt`` file or an open_clip checkpoint.
+
+CLIP-ES users already have OpenAI's ``ViT-B-16.pt`` (a TorchScript archive) or a plain state dict
+with OpenAI's key names; both are built with open_clip's OpenAI builder (QuickGELU, architecture
+read off the state dict). Pretrained tags (``openai``, ``laion2b_s34b_b88k`` ...) go through
+``open_clip.create_model``, and so do open_clip training checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import build_model_from_openai_state_dict
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+_MISSING_WEIGHTS_HELP = (
+    "Set --model.pretrained to a local OpenAI-format checkpoint (CLIP-ES uses ViT-B-16.pt from "
+    "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt), "
+    "to an open_clip checkpoint, or to an open_clip pretrained tag such as 'openai' (needs network "
+    "access or a filled HF/open_clip cache); use --model.pretrained null for random weights (tests only)."
+)
+
+
+@dataclass
+class LoadedCLIP:
+    """A frozen CLIP model with what is needed to feed it."""
+
+    model: nn.Module  # open_clip CLIP, eval mode, float32, requires_grad=False
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def register_clip_config(name: str, config: dict) -> None:
+    """Make ``name`` an open_clip model name (like open_clip's ``add_model_config``), e.g. a tiny ViT for tests."""
+    folder = Path(tempfile.mkdtemp(prefix="clipes_cfg_"))
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+def _register_builtin_configs() -> None:
+    if _CONFIG_DIR.is_dir():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+_register_builtin_configs()
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, bool]:
+    """Return (state_dict-or-checkpoint, is_torchscript). Tries TorchScript first, as OpenAI's loader does."""
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; OpenAI ships such files
+            archive = torch.jit.load(str(path), map_location="cpu")
+        return {k: v for k, v in archive.state_dict().items()}, True
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for foreign files
+        raise ValueError(f"Could not read CLIP checkpoint {path}: {err}. {_MISSING_WEIGHTS_HELP}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"CLIP checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict.")
+    return ckpt, False
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder (``torch.save`` files have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.split("/")[1:2] == ["code"] for name in zf.namelist())
+
+
+def _is_openai_state_dict(sd: dict) -> bool:
+    return "visual.proj" in sd and "visual.conv1.weight" in sd and "token_embedding.weight" in sd
+
+
+def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool]) -> tuple[nn.Module, str]:
+    """Return (model, tokenizer model name)."""
+    if pretrained is None:
+        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu)), model_name
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        ckpt, scripted = _read_checkpoint(path)
+        if (scripted or _is_openai_state_dict(ckpt)) and quick_gelu is not False:
+            # OpenAI format: architecture inferred from the tensors, QuickGELU, fp16 round-trip as OpenAI's loader.
+            sd = {k: v for k, v in ckpt.items()}
+            model = build_model_from_openai_state_dict(sd, quick_gelu=True)
+            return model, "ViT-B-16"  # every OpenAI CLIP uses the same BPE tokenizer
+        model = open_clip.create_model(model_name, pretrained=str(path), force_quick_gelu=bool(quick_gelu))
+        return model, model_name
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"CLIP weights not found: {pretrained}. {_MISSING_WEIGHTS_HELP}")
+    known = open_clip.list_pretrained_tags_by_model(model_name) if model_name in open_clip.list_models() else []
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown open_clip model name {model_name!r}. Valid names include: "
+            f"{', '.join(m for m in open_clip.list_models() if m.startswith('ViT'))}."
+        )
+    if pretrained not in known:
+        raise ValueError(
+            f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} "
+            f"(tags: {', '.join(known) or 'none'}). {_MISSING_WEIGHTS_HELP}"
+        )
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu))
+    except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
+        raise RuntimeError(f"Could not load {model_name} weights {pretrained!r}: {err}. {_MISSING_WEIGHTS_HELP}") from err
+    return model, model_name
+
+
+def check_supported(visual: nn.Module) -> None:
+    """Raise a clear error for open_clip towers CLIP-ES cannot run on (needs a plain ViT with MHA blocks)."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"CLIP-ES needs a ViT image tower, got {type(visual).__name__}. Choose a ViT model (e.g. ViT-B-16)."
+        )
+    if visual.attn_pool is not None:
+        raise ValueError("CLIP-ES needs a ViT without attention pooling (CoCa-style towers are not supported).")
+    for block in visual.transformer.resblocks:
+        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
+            raise ValueError(
+                f"CLIP-ES reads attention weights from nn.MultiheadAttention blocks; this model uses "
+                f"{type(block).__name__}. Choose an OpenAI-style ViT (ViT-B-16, ViT-L-14, ...)."
+            )
+
+
+def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai", quick_gelu: Optional[bool] = None) -> LoadedCLIP:
+    """Build a frozen float32 CLIP in eval mode.
+
+    Args:
+        model_name: open_clip model name (``ViT-B-16``, or one registered with :func:`register_clip_config`).
+            Ignored for OpenAI-format files, whose architecture is read off the tensors.
+        pretrained: a pretrained tag, a path to an OpenAI ``.pt`` (TorchScript or state dict) or an
+            open_clip checkpoint, or ``None`` for random weights.
+        quick_gelu: ``None`` = automatic (OpenAI-format files use QuickGELU); ``False`` loads a plain
+            state dict through open_clip with ``model_name``'s own activation.
+    """
+    model, tok_name = _build(model_name, pretrained, quick_gelu)
+    model = model.float().eval().requires_grad_(False)
+    check_supported(model.visual)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = tuple(cfg.get("mean") or OPENAI_DATASET_MEAN)
+    std = tuple(cfg.get("std") or OPENAI_DATASET_STD)
+    tokenizer = open_clip.get_tokenizer(tok_name, context_length=model.context_length)
+    return LoadedCLIP(model=model, tokenizer=tokenizer, mean=mean, std=std)

@@ -1,0 +1,120 @@
+"""Vocabularies (class prompt names with synonyms, background words) and text features (method §1).
+
+A vocabulary entry is the text that goes into the template. Synonyms share one sentence
+(``"person with clothes,people,human"``), they are not averaged embeddings.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIPES_TEMPLATE = "a clean origami {}."
+
+VOC_PROMPT_NAMES = (
+    "aeroplane", "bicycle", "bird avian", "boat", "bottle",
+    "bus", "car", "cat", "chair seat", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor screen",
+)
+
+# COCO 2014 in the order of its 80 category ids; spellings as the published masks were made
+# ("sknowboard" included: changing it changes the text feature and so the masks).
+COCO_PROMPT_NAMES = (
+    "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane",
+    "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird avian",
+    "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack,bag",
+    "umbrella,parasol", "handbag,purse", "necktie", "suitcase", "frisbee",
+    "skis", "sknowboard", "sports ball", "kite", "baseball bat",
+    "glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "dessertspoon",
+    "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair seat", "sofa", "pottedplant", "bed",
+    "diningtable", "toilet", "tvmonitor screen", "laptop", "mouse",
+    "remote control", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hairdrier,blowdrier", "toothbrush",
+)
+
+VOC_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river",
+    "sea", "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean",
+    "road", "rock", "street", "valley", "bridge", "sign",
+)
+COCO_BACKGROUND = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
+
+VOCABULARIES: dict[str, tuple[str, ...]] = {"voc": VOC_PROMPT_NAMES, "coco": COCO_PROMPT_NAMES}
+BACKGROUNDS: dict[str, tuple[str, ...]] = {"voc": VOC_BACKGROUND, "coco": COCO_BACKGROUND, "none": ()}
+
+Vocabulary = Union[str, Sequence[str]]
+
+
+def _resolve(value: Vocabulary, registry: dict[str, tuple[str, ...]], what: str) -> list[str]:
+    if isinstance(value, str):
+        if value not in registry:
+            raise ValueError(
+                f"Unknown built-in {what} {value!r}; use one of {sorted(registry)} or give a list of names."
+            )
+        return list(registry[value])
+    names = [str(v).strip() for v in value]
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise ValueError(f"{what} entries must be non-empty text; entries {empty} are empty.")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} has duplicate entries {dupes}; each class must be listed once.")
+    return names
+
+
+def create_vocabulary(value: Vocabulary) -> list[str]:
+    """Foreground prompt names: a built-in name (``voc``, ``coco``) or a list of free-text class names."""
+    names = _resolve(value, VOCABULARIES, "class vocabulary")
+    if not names:
+        raise ValueError("The class vocabulary is empty; give at least one class name.")
+    return names
+
+
+def create_background(value: Vocabulary) -> list[str]:
+    """Background words: a built-in list (``voc``, ``coco``, ``none``) or a list of words."""
+    return _resolve(value, BACKGROUNDS, "background vocabulary")
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """Templates must each hold one ``{}`` where the class name goes."""
+    templates = list(templates)
+    if not templates:
+        raise ValueError("Give at least one prompt template, e.g. 'a clean origami {}.'")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"Each template needs exactly one '{{}}' for the class name; bad: {bad}")
+    return templates
+
+
+@torch.no_grad()
+def encode_prompts(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    names: Sequence[str],
+    templates: Sequence[str],
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Text features of ``names`` (method §1).
+
+    Each (name, template) sentence is encoded and L2-normalised; a name's feature is the mean over
+    templates, normalised again. Returns ``(len(names), E)`` float32, unit rows.
+    """
+    if not names:
+        return torch.zeros(0, model.text_projection.shape[-1])
+    sentences = [t.format(n) for n in names for t in templates]
+    device = next(model.parameters()).device
+    feats = []
+    for i in range(0, len(sentences), chunk):
+        tokens = tokenizer(sentences[i : i + chunk]).to(device)
+        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    per_sentence = torch.cat(feats).view(len(names), len(templates), -1)
+    return F.normalize(per_sentence.mean(dim=1), dim=-1)

@@ -1,0 +1,30 @@
+"""From class maps to a label map (method §5)."""
+from __future__ import annotations
+
+import torch
+
+
+def background_score(cams: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """``(1 - max_k cam_k) ** power``: (K, H, W) in [0, 1] -> (H, W). An image with K = 0 is all background."""
+    if cams.shape[0] == 0:
+        return torch.ones(cams.shape[1:], dtype=cams.dtype, device=cams.device)
+    return (1 - cams.max(dim=0).values).clamp_min(0) ** power
+
+
+def scores_with_background(cams: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Stack [background, cams]: (K, H, W) -> (1 + K, H, W)."""
+    return torch.cat([background_score(cams, power)[None], cams], dim=0)
+
+
+def cams_to_label(cams: torch.Tensor, keys: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Label map from an image's cams.
+
+    Args:
+        cams: (K, H, W) float in [0, 1].
+        keys: (K,) int64, 0-based foreground class of each map.
+        power: background exponent t (1 or 2 in the paper).
+    Returns:
+        (H, W) int64 with 0 = background and ``1 + keys[k]`` where map k wins the argmax.
+    """
+    lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(cams.device)
+    return lut[scores_with_background(cams, power).argmax(dim=0)]

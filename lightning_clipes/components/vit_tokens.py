@@ -1,0 +1,111 @@
+"""Run an open_clip ViT on images of any size and read its attention (method §2).
+
+These functions read the weights of an open_clip ``VisionTransformer`` and never write to it: the
+positional embedding is resized on the fly, not stored on the module (the reference stores it).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+def patch_size(visual: nn.Module) -> tuple[int, int]:
+    """(ph, pw) of the ViT's patch embedding."""
+    ks = visual.conv1.kernel_size
+    return (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
+
+
+def padded_size(height: int, width: int, patch: tuple[int, int]) -> tuple[int, int]:
+    """(ceil(H/ph)*ph, ceil(W/pw)*pw): the size an image is resized to before the ViT."""
+    return -(-height // patch[0]) * patch[0], -(-width // patch[1]) * patch[1]
+
+
+def preprocess(
+    image: np.ndarray, patch: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised, H' and W' multiples of the patch size.
+
+    Bicubic on the PIL image, as the reference's torchvision ``Resize`` on a PIL input does
+    (PIL's kernel and its rounding to uint8 both matter for parity).
+    """
+    height, width = image.shape[:2]
+    out_h, out_w = padded_size(height, width, patch)
+    resized = Image.fromarray(image).resize((out_w, out_h), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def resized_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Positional embedding for an ``grid = (h, w)`` patch grid: ``(1 + h*w, D)``.
+
+    The CLS entry is kept; the square pretrained grid is resized with bilinear,
+    align_corners=False, no antialias (method §2).
+    """
+    pe = visual.positional_embedding
+    n, dim = pe.shape[0] - 1, pe.shape[1]
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"Positional embedding of {n} patch entries is not a square grid.")
+    patches = pe[1:].T.reshape(1, dim, side, side)
+    patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+    return torch.cat([pe[:1], patches.reshape(dim, -1).T], dim=0)
+
+
+def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch + class + positional embedding and ``ln_pre``: (B, 3, H, W) -> (B, 1 + N, D)."""
+    x = visual.conv1(images)
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + resized_pos_embed(visual, grid).to(x.dtype)
+    return visual.ln_pre(x)
+
+
+def block_forward(
+    block: nn.Module, x: torch.Tensor, need_attn: bool, z: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One open_clip ``ResidualAttentionBlock`` that also returns head-averaged attention.
+
+    Args:
+        x: (B, T, D) block input (batch first).
+        need_attn: return the (B, T, T) attention weights averaged over heads.
+        z: ``ln_1(x)`` if the caller already holds it (GradCAM differentiates with respect to it).
+    """
+    z = block.ln_1(x) if z is None else z
+    out, attn = block.attn(z, z, z, need_weights=need_attn, average_attn_weights=True)
+    x = x + block.ls_1(out)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, attn
+
+
+def run_frozen_blocks(
+    visual: nn.Module, images: torch.Tensor, attn_from: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
+    """Blocks 1 … L-1 without gradients (block L is left for GradCAM).
+
+    Args:
+        images: (B, 3, H, W) preprocessed, H and W multiples of the patch size.
+        attn_from: 0-based index of the first block whose attention is summed (for CAA).
+    Returns:
+        tokens (B, 1 + N, D) after block L-1; the sum of head-averaged patch-to-patch attention
+        (B, N, N) over blocks ``attn_from … L-2`` (None if none); the grid (h, w).
+    """
+    blocks = visual.transformer.resblocks
+    ph, pw = patch_size(visual)
+    grid = (images.shape[-2] // ph, images.shape[-1] // pw)
+    attn_sum = None
+    with torch.no_grad():
+        x = embed(visual, images)
+        for i, block in enumerate(blocks[:-1]):
+            x, attn = block_forward(block, x, need_attn=i >= attn_from)
+            if attn is not None:
+                attn = attn[:, 1:, 1:].float()
+                attn_sum = attn if attn_sum is None else attn_sum + attn
+    return x, attn_sum, grid

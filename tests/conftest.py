@@ -1,0 +1,47 @@
+"""Tiny fixtures: a random CLIP in OpenAI format (width 64, 2 blocks) and synthetic VOC folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def tiny_clip_state_dict(seed: int = 0, layers: int = 3, patch: int = 16) -> dict:
+    """A random CLIP ViT with OpenAI's key names (QuickGELU, 1 head of 64, 4x4 pretrained grid)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=layers, width=64, patch_size=patch, image_size=4 * patch),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+        quick_gelu=True,
+    )
+    return model.state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_openai_ckpt(tmp_path_factory) -> Path:
+    """Path of a random OpenAI-format state dict (the format of CLIP-ES's ViT-B-16.pt, tiny)."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-ViT.pt"
+    torch.save(tiny_clip_state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_openai_ckpt):
+    from lightning_clipes.components.clip_loader import load_clip
+
+    return load_clip("ViT-B-16", str(tiny_openai_ckpt))
+
+
+@pytest.fixture
+def synthetic_voc(tmp_path) -> Path:
+    """A fresh synthetic VOC2012-layout folder (3 classes, 64-96 px images)."""
+    from lightning_clipes.data.synthetic import write_synthetic_voc
+
+    return write_synthetic_voc(tmp_path / "VOC2012", num_train=6, num_val=3, seed=0)
