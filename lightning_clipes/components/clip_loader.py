@@ -94,7 +94,7 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
         ckpt, scripted = _read_checkpoint(path)
         if (scripted or _is_openai_state_dict(ckpt)) and quick_gelu is not False:
             # OpenAI format: architecture inferred from the tensors, QuickGELU, fp16 round-trip as OpenAI's loader.
-            sd = {k: v for k, v in ckpt.items()}
+            sd = {k: v for k, v in ckpt.items() if not k.endswith("attn_mask")}  # scripted buffers, not weights
             model = build_model_from_openai_state_dict(sd, quick_gelu=True)
             return model, "ViT-B-16"  # every OpenAI CLIP uses the same BPE tokenizer
         model = open_clip.create_model(model_name, pretrained=str(path), force_quick_gelu=bool(quick_gelu))

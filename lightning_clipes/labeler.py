@@ -1,0 +1,136 @@
+"""``CLIPESLabeler``: the frozen CLIP-ES labeler as a LightningModule.
+
+``predict`` writes pseudo-labels to a :class:`~lightning_clipes.data.store.PseudoLabelStore`
+(resumable), ``validate`` scores them against ground truth as ``pseudo/mIoU``.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import lightning as L
+import torch
+
+from lightning_clipes.components.clip_loader import load_clip
+from lightning_clipes.components.clipes import CLIPES, ClassMaps
+from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
+from lightning_clipes.components.pseudo_mask import cams_to_label
+from lightning_clipes.data.store import PseudoLabelStore
+from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
+
+
+class CLIPESLabeler(L.LightningModule):
+    """Image + image-level labels -> refined class maps and pseudo-masks, with a frozen CLIP.
+
+    Args:
+        model_name: open_clip ViT name (architecture of tags and open_clip checkpoints).
+        pretrained: open_clip pretrained tag (``openai``), path to OpenAI's ``ViT-B-16.pt`` (TorchScript
+            or state dict) or to an open_clip checkpoint; ``null`` = random weights (meaningless masks).
+        quick_gelu: ``null`` = automatic (QuickGELU for OpenAI-format files); see ``load_clip``.
+        class_names: ``voc``, ``coco`` or a list of prompt names in the dataset's class order.
+        background: ``voc``, ``coco``, ``none`` or a list of background words.
+        templates: prompt templates; several are averaged.
+        box_threshold: CAA box threshold (0.4 VOC, 0.7 COCO).
+        affinity_layers: last blocks whose attention forms the affinity.
+        bg_power: background exponent t in ``(1 - max cam)^t``.
+        output_dir: pseudo-label store; default ``<trainer.default_root_dir>/pseudo_labels``.
+        save_cams: keep the float16 cams (``cams/<id>.npz``) beside the masks.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        pretrained: Optional[str] = "openai",
+        quick_gelu: Optional[bool] = None,
+        class_names: Union[str, list[str]] = "voc",
+        background: Union[str, list[str]] = "voc",
+        templates: Sequence[str] = (CLIPES_TEMPLATE,),
+        box_threshold: float = 0.4,
+        affinity_layers: int = 8,
+        bg_power: float = 1.0,
+        output_dir: Optional[str] = None,
+        save_cams: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pretrained is None:
+            warnings.warn("CLIPESLabeler has random CLIP weights (pretrained=None): its masks are meaningless.", stacklevel=2)
+        clip = load_clip(model_name, pretrained, quick_gelu)
+        self.class_names = create_vocabulary(class_names)
+        self.clipes = CLIPES(
+            clip, self.class_names, create_background(background), check_templates(templates),
+            box_threshold=box_threshold, affinity_layers=min(affinity_layers, len(clip.model.visual.transformer.resblocks)),
+        )
+        self.bg_power = bg_power
+        self.output_dir = output_dir
+        self.confmat_cam = segmentation_confmat(1 + len(self.class_names))
+        self.confmat_caa = segmentation_confmat(1 + len(self.class_names))
+        self.skipped: list[str] = []
+
+    # ----------------------------------------------------------------- helpers
+    def store(self) -> PseudoLabelStore:
+        root = self.output_dir or Path(self.trainer.default_root_dir) / "pseudo_labels"
+        return PseudoLabelStore(root, save_cams=self.hparams.save_cams)
+
+    def _check_data(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "class_names", None)
+        if names is not None and len(names) != len(self.class_names):
+            raise ValueError(
+                f"The data has {len(names)} classes but the labeler's vocabulary has {len(self.class_names)}; "
+                "set --model.class_names to one prompt name per dataset class, in the same order."
+            )
+
+    def label_items(self, items: list[dict]) -> list[tuple[dict, ClassMaps]]:
+        """Run CLIP-ES on the readable items of a batch; unreadable ones are counted and warned about."""
+        ok = []
+        for item in items:
+            if item["error"] is not None:
+                self.skipped.append(item["id"])
+                warnings.warn(f"Skipping {item['id']}: {item['error']}", stacklevel=2)
+            else:
+                ok.append(item)
+        if not ok:
+            return []
+        maps = self.clipes(
+            [self.clipes.preprocess(it["image"]) for it in ok],
+            [it["labels"] for it in ok],
+            [it["image"].shape[:2] for it in ok],
+        )
+        return list(zip(ok, maps))
+
+    # ----------------------------------------------------------------- predict
+    def on_predict_start(self) -> None:
+        self._check_data()
+        self.store().write_meta({"labeler": dict(self.hparams), "class_names": self.class_names})
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> None:
+        store = self.store()
+        todo = [it for it in batch if not store.is_done(it["id"])]
+        for item, maps in self.label_items(todo):
+            mask = cams_to_label(maps.cams, maps.keys, self.bg_power)
+            store.write(item["id"], maps.keys.numpy(), maps.cams.cpu().numpy(), mask.cpu().numpy().astype("uint8"))
+
+    # ---------------------------------------------------------------- validate
+    def on_validation_start(self) -> None:
+        self._check_data()
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        for item, maps in self.label_items([it for it in batch if it["gt"] is not None or it["error"]]):
+            gt = torch.from_numpy(item["gt"]).long().to(self.device)
+            for confmat, cams in ((self.confmat_cam, maps.cams_raw), (self.confmat_caa, maps.cams)):
+                pred = cams_to_label(cams.to(self.device), maps.keys.to(self.device), self.bg_power)
+                confmat.update(pred.flatten(), gt.flatten())
+
+    def on_validation_epoch_end(self) -> None:
+        names = ["background", *self.class_names]
+        for tag, confmat in (("_cam", self.confmat_cam), ("", self.confmat_caa)):
+            per_class, miou = iou_from_confmat(confmat.compute())
+            self.log(f"pseudo/mIoU{tag}", miou, sync_dist=False)
+            if not tag:
+                for name, iou in zip(names, per_class):
+                    self.log(f"pseudo/IoU/{name.split(',')[0].split(' ')[0]}", iou)
+            confmat.reset()
+        if self.skipped:
+            warnings.warn(f"{len(self.skipped)} unreadable image(s) skipped: {self.skipped[:5]}", stacklevel=2)

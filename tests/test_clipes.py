@@ -1,0 +1,122 @@
+"""The whole CLIPES module: literal composition of §2-§4, batching, frozen state, odd sizes."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_clipes.components.affinity import box_mask
+from lightning_clipes.components.clipes import CLIPES
+from lightning_clipes.components.prompts import CLIPES_TEMPLATE, VOC_BACKGROUND, VOC_PROMPT_NAMES
+from lightning_clipes.components.pseudo_mask import background_score, cams_to_label
+from lightning_clipes.components.vit_tokens import padded_size, preprocess
+from test_affinity import literal_sinkhorn
+from test_gradcam import literal_gradcam
+
+
+@pytest.fixture(scope="module")
+def clipes(tiny_clip):
+    return CLIPES(tiny_clip, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2)
+
+
+def literal_attention(clip_model, image):
+    """Head-averaged attention of every block, block by block with open_clip's own modules."""
+    visual = clip_model.visual
+    from lightning_clipes.components.vit_tokens import embed
+
+    maps = []
+    with torch.no_grad():
+        x = embed(visual, image[None])
+        for block in visual.transformer.resblocks:
+            z = block.ln_1(x)
+            maps.append(block.attn(z, z, z, need_weights=True)[1][0, 1:, 1:])
+            x = block(x)
+    return maps
+
+
+def literal_clipes(clipes, image_u8, labels):
+    """§2-§4 written out per class with numpy loops where it matters."""
+    x = clipes.preprocess(image_u8)
+    h, w = x.shape[1] // 16, x.shape[2] // 16
+    cams = literal_gradcam(clipes.clip, x, labels, clipes.fg_text, clipes.bg_text).view(-1, h, w)
+    attn = torch.stack(literal_attention(clipes.clip, x)[-clipes.affinity_layers:]).mean(0)
+    s = torch.from_numpy(literal_sinkhorn(attn.numpy())).float()
+    out = []
+    for cam in cams:
+        box = torch.from_numpy(box_mask(cam.numpy(), 0.4)).view(1, -1).float()
+        r = ((s * box) @ cam.reshape(-1, 1)).reshape(h, w)
+        r = r - r.min()
+        out.append(r / (r.max() + 1e-7))
+    size = image_u8.shape[:2]
+    return F.interpolate(torch.stack(out)[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def test_forward_matches_literal_composition(clipes):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    (maps,) = clipes([clipes.preprocess(image)], [[11, 2]], [(70, 90)])
+    assert maps.keys.tolist() == [11, 2] and maps.cams.shape == (2, 70, 90)
+    torch.testing.assert_close(maps.cams, literal_clipes(clipes, image, [11, 2]), rtol=1e-3, atol=2e-4)
+
+
+def test_batch_of_mixed_sizes_equals_one_by_one(clipes):
+    rng = np.random.default_rng(1)
+    shapes = [(40, 60), (17, 33), (40, 60), (1, 1), (16, 16)]
+    images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    labels = [[0, 5], [7], [14, 1, 2], [3], [19]]
+    batch = clipes([clipes.preprocess(i) for i in images], labels, shapes)
+    for img, lab, shape, got in zip(images, labels, shapes, batch):
+        (single,) = clipes([clipes.preprocess(img)], [lab], [shape])
+        assert got.cams.shape == (len(lab), *shape)
+        torch.testing.assert_close(got.cams, single.cams, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.cams_raw, single.cams_raw, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(got.cams).all() and got.cams.min() >= 0 and got.cams.max() <= 1
+
+
+def test_call_changes_no_module_state_and_no_gradients(clipes):
+    before = {k: v.clone() for k, v in clipes.state_dict().items()}
+    attrs = set(vars(clipes.clip.visual))
+    image = np.full((50, 30, 3), 120, np.uint8)
+    clipes([clipes.preprocess(image)], [[4]], [(50, 30)])
+    after = clipes.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(vars(clipes.clip.visual)) == attrs
+    assert all(p.grad is None and not p.requires_grad for p in clipes.parameters())
+    clipes.train()
+    assert not clipes.clip.training
+
+
+def test_works_under_inference_mode(clipes):
+    image = np.full((20, 20, 3), 50, np.uint8)
+    with torch.inference_mode():
+        x = clipes.preprocess(image)
+        (maps,) = clipes([x], [[0]], [(20, 20)])
+    assert maps.cams.shape == (1, 20, 20)
+
+
+def test_bad_labels_are_refused(clipes):
+    x = clipes.preprocess(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="no labels"):
+        clipes([x], [[]], [(16, 16)])
+    with pytest.raises(ValueError, match="distinct indices"):
+        clipes([x], [[25]], [(16, 16)])
+
+
+def test_preprocess_resizes_to_patch_multiple_with_pil_bicubic():
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (21, 35, 3), dtype=np.uint8)
+    assert padded_size(21, 35, (16, 16)) == (32, 48)
+    x = preprocess(image, (16, 16), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0))
+    pil = np.asarray(Image.fromarray(image).resize((48, 32), Image.BICUBIC), dtype=np.float32) / 255
+    expected = (pil - np.array([0.5, 0.25, 0.0])) / np.array([0.5, 0.5, 1.0])
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_background_score_and_labels_by_hand():
+    cams = torch.tensor([[[0.9, 0.2], [0.1, 0.0]], [[0.3, 0.6], [0.05, 0.0]]])
+    keys = torch.tensor([14, 2])
+    torch.testing.assert_close(background_score(cams, 1.0), torch.tensor([[0.1, 0.4], [0.9, 1.0]]))
+    torch.testing.assert_close(background_score(cams, 2.0), torch.tensor([[0.01, 0.16], [0.81, 1.0]]))
+    assert cams_to_label(cams, keys, 1.0).tolist() == [[15, 3], [0, 0]]

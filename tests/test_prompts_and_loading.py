@@ -1,0 +1,113 @@
+"""Vocabularies, text features and CLIP loading from every supported source."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_clip_state_dict
+from lightning_clipes.components.clip_loader import load_clip, register_clip_config
+from lightning_clipes.components.prompts import (
+    COCO_BACKGROUND,
+    COCO_PROMPT_NAMES,
+    VOC_BACKGROUND,
+    VOC_PROMPT_NAMES,
+    check_templates,
+    create_background,
+    create_vocabulary,
+    encode_prompts,
+)
+
+
+def test_builtin_vocabularies_have_the_published_sizes():
+    assert len(VOC_PROMPT_NAMES) == 20 and len(VOC_BACKGROUND) == 25
+    assert len(COCO_PROMPT_NAMES) == 80 and len(COCO_BACKGROUND) == 23
+    assert VOC_PROMPT_NAMES[14] == "person with clothes,people,human"
+    assert set(VOC_BACKGROUND) - set(COCO_BACKGROUND) == {"keyboard", "sign"}
+    assert create_vocabulary("coco")[25] == "umbrella,parasol"
+
+
+def test_vocabulary_errors_tell_what_to_do():
+    with pytest.raises(ValueError, match=r"\['coco', 'voc'\]"):
+        create_vocabulary("cityscapes")
+    with pytest.raises(ValueError, match="duplicate"):
+        create_vocabulary(["cat", "dog", "cat"])
+    with pytest.raises(ValueError, match="empty"):
+        create_vocabulary(["cat", " "])
+    with pytest.raises(ValueError, match="exactly one"):
+        check_templates(["a photo of a cat."])
+    assert create_background("none") == []
+    assert create_vocabulary(["traffic cone", "forklift,lift truck"]) == ["traffic cone", "forklift,lift truck"]
+
+
+def test_text_features_normalise_each_template_then_average(tiny_clip):
+    model, tok = tiny_clip.model, tiny_clip.tokenizer
+    templates = ["a clean origami {}.", "a photo of a {}."]
+    got = encode_prompts(model, tok, ["cat", "bird avian"], templates)
+    for i, name in enumerate(["cat", "bird avian"]):
+        with torch.no_grad():
+            each = [F.normalize(model.encode_text(tok([t.format(name)]))[0], dim=-1) for t in templates]
+        expected = F.normalize((each[0] + each[1]) / 2, dim=-1)
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_openai_state_dict_loads_with_quick_gelu_and_fp16_rounded_weights(tiny_openai_ckpt):
+    clip = load_clip("ViT-B-16", str(tiny_openai_ckpt))
+    sd = tiny_clip_state_dict()
+    w = clip.model.visual.transformer.resblocks[0].mlp.c_fc.weight
+    torch.testing.assert_close(w, sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].half().float())
+    assert type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert clip.model.visual.conv1.kernel_size == (16, 16) and len(clip.model.visual.transformer.resblocks) == 3
+    assert not any(p.requires_grad for p in clip.model.parameters()) and not clip.model.training
+    assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_torchscript_archive_loads_like_its_state_dict(tmp_path, tiny_openai_ckpt):
+    """OpenAI ships ViT-B-16.pt as a TorchScript archive; a scripted tiny CLIP stands in for it."""
+    from open_clip.model import CLIP
+
+    model = CLIP(**_tiny_cfg(), quick_gelu=True)
+    model.load_state_dict(tiny_clip_state_dict())
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), path)
+    a = load_clip("ViT-B-16", str(path)).model.state_dict()
+    b = load_clip("ViT-B-16", str(tiny_openai_ckpt)).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_cfg():
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return dict(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=3, width=64, patch_size=16, image_size=64),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+    )
+
+
+def test_open_clip_checkpoint_and_registered_config(tmp_path):
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    register_clip_config("test-micro-ViT", cfg)
+    random = load_clip("test-micro-ViT", None)
+    path = tmp_path / "openclip.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in random.model.state_dict().items()}}, path)
+    loaded = load_clip("test-micro-ViT", str(path))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in random.model.state_dict().items())
+    assert type(loaded.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+
+
+def test_missing_weights_name_the_flag_and_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--model.pretrained.*ViT-B-16.pt"):
+        load_clip("ViT-B-16", str(tmp_path / "ViT-B-16.pt"))
+    with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
+        load_clip("ViT-B-16", "not-a-tag")
+    with pytest.raises(ValueError, match="Unknown open_clip model name"):
+        load_clip("ViT-Q-99", "openai")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Could not read CLIP checkpoint"):
+        load_clip("ViT-B-16", str(garbage))
+
+
+def test_non_vit_towers_are_refused():
+    with pytest.raises(ValueError, match="ViT image tower"):
+        load_clip("RN50", None)
