@@ -1,0 +1,83 @@
+"""The pseudo-label store on disk: one file per image and kind, every write atomic.
+
+Layout under ``root``::
+
+    cams/<image_id>.npz    keys (K,) int64, cams (K, H, W) float16  [the reference's attn_highres]
+    masks/<image_id>.png   (H, W) uint8 class indices, VOC palette, 255 = ignored
+
+A file is written to a temporary name in the same folder and renamed into place, so a killed job
+never leaves a half-written file under a real name; the mask is written last, so an image counts
+as done only when both files are there.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from lightning_clipes.data.voc_format import load_mask, save_mask_png
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PseudoLabelStore:
+    """Read and write the pseudo-labels of one labeler configuration.
+
+    Args:
+        root: folder of the store, e.g. ``<default_root_dir>/pseudo_labels``.
+        save_cams: also keep the float16 cams (large: K×H×W per image).
+    """
+
+    def __init__(self, root: PathLike, save_cams: bool = True) -> None:
+        self.root = Path(root)
+        self.save_cams = save_cams
+
+    def cam_path(self, image_id: str) -> Path:
+        return self.root / "cams" / f"{image_id}.npz"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "masks" / f"{image_id}.png"
+
+    def is_done(self, image_id: str) -> bool:
+        """Both files of the image are in place (a rerun skips it)."""
+        return self.mask_path(image_id).is_file() and (not self.save_cams or self.cam_path(image_id).is_file())
+
+    def write(self, image_id: str, keys: np.ndarray, cams: np.ndarray, mask: np.ndarray) -> None:
+        """Store one image: keys (K,) int, cams (K, H, W) float in [0, 1], mask (H, W) uint8."""
+        if self.save_cams:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, keys=np.asarray(keys, dtype=np.int64), cams=np.asarray(cams, dtype=np.float16))
+            atomic_write_bytes(self.cam_path(image_id), buf.getvalue())
+        buf = io.BytesIO()
+        save_mask_png(buf, np.asarray(mask, dtype=np.uint8))
+        atomic_write_bytes(self.mask_path(image_id), buf.getvalue())
+
+    def read_cams(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keys (K,) int64, cams (K, H, W) float16)."""
+        with np.load(self.cam_path(image_id)) as f:
+            return f["keys"], f["cams"]
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        return load_mask(self.mask_path(image_id))
+
+    def write_meta(self, meta: dict) -> None:
+        """Record how the labels were made (``meta.json``), for people and for reuse checks."""
+        atomic_write_bytes(self.root / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
