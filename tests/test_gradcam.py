@@ -33,18 +33,20 @@ def test_pos_embed_resize_is_literal_bilinear_and_keeps_cls(tiny_clip):
     visual = tiny_clip.model.visual
     pe = visual.positional_embedding.detach()
     got = resized_pos_embed(visual, (3, 7)).detach()
-    torch.testing.assert_close(got[0], pe[0])
+    assert torch.equal(got, got.half().float())  # rounded to float16 precision, as the reference
+    torch.testing.assert_close(got[0], pe[0].half().float())
     grid = pe[1:].T.reshape(-1, 4, 4).numpy()
     expected = literal_bilinear(grid, 3, 7).reshape(grid.shape[0], -1).T
-    np.testing.assert_allclose(got[1:].numpy(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(resized_pos_embed(visual, (4, 4)), pe)  # native grid: unchanged
+    np.testing.assert_allclose(got[1:].numpy(), expected, rtol=1e-3, atol=1e-4)  # float16 rounding
+    torch.testing.assert_close(resized_pos_embed(visual, (4, 4)), pe.half().float())  # native grid
 
 
 def test_embed_and_blocks_match_open_clip_at_native_size(tiny_clip):
     visual = tiny_clip.model.visual
     x = torch.randn(2, 3, 64, 64)
     ours = embed(visual, x)
-    torch.testing.assert_close(ours, visual._embeds(x))
+    torch.testing.assert_close(ours, visual._embeds(x), rtol=1e-2, atol=1e-2)  # float16 pos-emb only
+    ours = visual._embeds(x)  # the blocks are compared on identical input
     for block in visual.transformer.resblocks:
         ours_next, _ = block_forward(block, ours, need_attn=True)
         torch.testing.assert_close(ours_next, block(ours), rtol=1e-5, atol=1e-5)
@@ -94,8 +96,10 @@ def literal_gradcam(clip_model, image, labels, fg, bg):
         z, g = seen["z"][0, 1:].detach(), seen["z"].grad[0, 1:]
         weights = g.mean(0)
         cam = F.relu((z * weights).sum(-1))
-        cam = cam - cam.min()
-        cams.append(cam / (cam.max() + 1e-7))
+        for _ in range(2):  # pytorch-grad-cam scales per layer, then again after averaging layers
+            cam = cam - cam.min()
+            cam = cam / (cam.max() + 1e-7)
+        cams.append(cam)
     return torch.stack(cams)
 
 
@@ -123,10 +127,10 @@ def test_batched_gradcam_equals_per_class_loop(clipes):
 def test_absent_classes_are_not_in_the_softmax(clipes):
     """The cam of class 3 changes when another present class joins the text set."""
     torch.manual_seed(2)
-    images = torch.randn(1, 3, 32, 32)
+    images = torch.randn(1, 3, 64, 96)
     visual = clipes.clip.visual
     tokens, _, grid = run_frozen_blocks(visual, images, attn_from=0)
     alone, _ = softmax_gradcam(visual, clipes.clip.logit_scale, tokens, grid, clipes.fg_text, clipes.bg_text, [[3]])
     with_other, _ = softmax_gradcam(visual, clipes.clip.logit_scale, tokens, grid, clipes.fg_text, clipes.bg_text, [[3, 5]])
-    torch.testing.assert_close(alone[0], literal_gradcam(clipes.clip, images[0], [3], clipes.fg_text, clipes.bg_text)[0].view(2, 2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone[0], literal_gradcam(clipes.clip, images[0], [3], clipes.fg_text, clipes.bg_text)[0].view(4, 6), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(alone[0], with_other[0])

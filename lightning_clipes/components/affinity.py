@@ -66,8 +66,10 @@ def refine_cams(
         (K, h, w) float32, each map min-max normalised.
     """
     k, h, w = cams.shape
-    masks = np.stack([box_mask(c, threshold) for c in cams.detach().cpu().numpy()])
-    masks = torch.from_numpy(masks).to(cams.device).view(k, h * w)
-    # (S with columns outside the box zeroed) · vec(cam)  ==  S · (box ⊙ cam), for all classes at once
-    masked = cams.reshape(k, h * w) * masks
-    return min_max_normalise((affinity @ masked.T).T.reshape(k, h, w))
+    refined = []
+    for cam in cams:  # K is small; this keeps the reference's exact product order
+        box = torch.from_numpy(box_mask(cam.detach().cpu().numpy(), threshold)).to(cam.device, cam.dtype)
+        # (S with the columns outside the box zeroed) · vec(cam). With random CLIP weights S is
+        # nearly uniform and the min-max step below magnifies float noise, so the order matters.
+        refined.append(torch.matmul(affinity * box.view(1, h * w), cam.reshape(h * w, 1)).view(h, w))
+    return min_max_normalise(torch.stack(refined)) if refined else cams.new_zeros(0, h, w)

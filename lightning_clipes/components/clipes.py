@@ -112,10 +112,10 @@ class CLIPES(nn.Module):
     def _forward_same_size(self, images, labels, sizes) -> list[ClassMaps]:
         visual = self.clip.visual
         depth = len(visual.transformer.resblocks)
-        tokens, attn_sum, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
+        tokens, attns, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
         fg_text, bg_text = self.fg_text.clone(), self.bg_text.clone()
         cams, attn_last = softmax_gradcam(visual, self.clip.logit_scale, tokens, grid, fg_text, bg_text, labels)
-        attn = (attn_last if attn_sum is None else attn_sum + attn_last) / self.affinity_layers
+        attn = torch.stack([*attns, attn_last]).mean(dim=0)  # (B, N, N), mean over the last blocks
         results, row = [], 0
         for b, lab in enumerate(labels):
             cam = cams[row : row + len(lab)]

@@ -101,7 +101,6 @@ def encode_prompts(
     tokenizer: Callable[[list[str]], torch.Tensor],
     names: Sequence[str],
     templates: Sequence[str],
-    chunk: int = 256,
 ) -> torch.Tensor:
     """Text features of ``names`` (method §1).
 
@@ -110,11 +109,9 @@ def encode_prompts(
     """
     if not names:
         return torch.zeros(0, model.text_projection.shape[-1])
-    sentences = [t.format(n) for n in names for t in templates]
     device = next(model.parameters()).device
     feats = []
-    for i in range(0, len(sentences), chunk):
-        tokens = tokenizer(sentences[i : i + chunk]).to(device)
-        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_sentence = torch.cat(feats).view(len(names), len(templates), -1)
-    return F.normalize(per_sentence.mean(dim=1), dim=-1)
+    for name in names:  # one name per call, as the reference: batch size changes the last bits
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).mean(dim=0))
+    return F.normalize(torch.stack(feats), dim=-1)

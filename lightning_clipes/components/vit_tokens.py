@@ -43,10 +43,10 @@ def preprocess(
 
 
 def resized_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
-    """Positional embedding for an ``grid = (h, w)`` patch grid: ``(1 + h*w, D)``.
+    """Positional embedding for a ``grid = (h, w)`` patch grid: ``(1 + h*w, D)``.
 
     The CLS entry is kept; the square pretrained grid is resized with bilinear,
-    align_corners=False, no antialias (method §2).
+    align_corners=False, no antialias (method §2); the result is rounded to float16 precision.
     """
     pe = visual.positional_embedding
     n, dim = pe.shape[0] - 1, pe.shape[1]
@@ -55,7 +55,10 @@ def resized_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"Positional embedding of {n} patch entries is not a square grid.")
     patches = pe[1:].T.reshape(1, dim, side, side)
     patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
-    return torch.cat([pe[:1], patches.reshape(dim, -1).T], dim=0)
+    resized = torch.cat([pe[:1], patches.reshape(dim, -1).T], dim=0)
+    # The reference stores the resized table as float16 (``emb.half()``); rounding it the same way
+    # keeps our maps within float32 noise of the reference's.
+    return resized.half().to(pe.dtype)
 
 
 def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -87,25 +90,24 @@ def block_forward(
 
 def run_frozen_blocks(
     visual: nn.Module, images: torch.Tensor, attn_from: int
-) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
     """Blocks 1 … L-1 without gradients (block L is left for GradCAM).
 
     Args:
         images: (B, 3, H, W) preprocessed, H and W multiples of the patch size.
-        attn_from: 0-based index of the first block whose attention is summed (for CAA).
+        attn_from: 0-based index of the first block whose attention is kept (for CAA).
     Returns:
-        tokens (B, 1 + N, D) after block L-1; the sum of head-averaged patch-to-patch attention
-        (B, N, N) over blocks ``attn_from … L-2`` (None if none); the grid (h, w).
+        tokens (B, 1 + N, D) after block L-1; the head-averaged patch-to-patch attention
+        (B, N, N) of blocks ``attn_from … L-2``, one tensor per block; the grid (h, w).
     """
     blocks = visual.transformer.resblocks
     ph, pw = patch_size(visual)
     grid = (images.shape[-2] // ph, images.shape[-1] // pw)
-    attn_sum = None
+    attns = []
     with torch.no_grad():
         x = embed(visual, images)
         for i, block in enumerate(blocks[:-1]):
             x, attn = block_forward(block, x, need_attn=i >= attn_from)
             if attn is not None:
-                attn = attn[:, 1:, 1:].float()
-                attn_sum = attn if attn_sum is None else attn_sum + attn
-    return x, attn_sum, grid
+                attns.append(attn[:, 1:, 1:].float())
+    return x, attns, grid
