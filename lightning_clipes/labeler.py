@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -16,8 +17,9 @@ from lightning_clipes.components.clip_loader import load_clip
 from lightning_clipes.components.clipes import CLIPES, ClassMaps
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
 from lightning_clipes.components.pseudo_mask import cams_to_label
-from lightning_clipes.data.store import PseudoLabelStore
+from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
+from lightning_clipes.visualize import label_panel
 
 
 class CLIPESLabeler(L.LightningModule):
@@ -36,6 +38,8 @@ class CLIPESLabeler(L.LightningModule):
         bg_power: background exponent t in ``(1 - max cam)^t``.
         output_dir: pseudo-label store; default ``<trainer.default_root_dir>/pseudo_labels``.
         save_cams: keep the float16 cams (``cams/<id>.npz``) beside the masks.
+        preview_images: write ``preview/<id>.jpg`` (image | strongest cam | mask) for this many
+            images per process, to look at the labels without opening arrays.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class CLIPESLabeler(L.LightningModule):
         bg_power: float = 1.0,
         output_dir: Optional[str] = None,
         save_cams: bool = True,
+        preview_images: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +72,7 @@ class CLIPESLabeler(L.LightningModule):
         self.confmat_cam = segmentation_confmat(1 + len(self.class_names))
         self.confmat_caa = segmentation_confmat(1 + len(self.class_names))
         self.skipped: list[str] = []
+        self.previews_written = 0
 
     # ----------------------------------------------------------------- helpers
     def store(self) -> PseudoLabelStore:
@@ -109,8 +115,18 @@ class CLIPESLabeler(L.LightningModule):
         store = self.store()
         todo = [it for it in batch if not store.is_done(it["id"])]
         for item, maps in self.label_items(todo):
-            mask = cams_to_label(maps.cams, maps.keys, self.bg_power)
-            store.write(item["id"], maps.keys.numpy(), maps.cams.cpu().numpy(), mask.cpu().numpy().astype("uint8"))
+            cams = maps.cams.cpu().numpy()
+            mask = cams_to_label(maps.cams, maps.keys, self.bg_power).cpu().numpy().astype("uint8")
+            store.write(item["id"], maps.keys.numpy(), cams, mask)
+            if self.previews_written < self.hparams.preview_images:
+                self.previews_written += 1
+                buf = io.BytesIO()
+                label_panel(item["image"], cams, mask, item["gt"]).save(buf, format="JPEG", quality=90)
+                atomic_write_bytes(store.root / "preview" / f"{item['id']}.jpg", buf.getvalue())
+
+    def on_predict_end(self) -> None:
+        if self.skipped:
+            warnings.warn(f"{len(self.skipped)} unreadable image(s) were skipped: {self.skipped[:5]}", stacklevel=2)
 
     # ---------------------------------------------------------------- validate
     def on_validation_start(self) -> None:
@@ -124,13 +140,15 @@ class CLIPESLabeler(L.LightningModule):
                 confmat.update(pred.flatten(), gt.flatten())
 
     def on_validation_epoch_end(self) -> None:
-        names = ["background", *self.class_names]
+        data_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        names = ["background", *(data_names or [n.split(",")[0] for n in self.class_names])]
         for tag, confmat in (("_cam", self.confmat_cam), ("", self.confmat_caa)):
             per_class, miou = iou_from_confmat(confmat.compute())
             self.log(f"pseudo/mIoU{tag}", miou, sync_dist=False)
-            if not tag:
+            if not tag:  # classes absent from both ground truth and prediction have no IoU
                 for name, iou in zip(names, per_class):
-                    self.log(f"pseudo/IoU/{name.split(',')[0].split(' ')[0]}", iou)
+                    if not torch.isnan(iou):
+                        self.log(f"pseudo/IoU/{name}", iou)
             confmat.reset()
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} unreadable image(s) skipped: {self.skipped[:5]}", stacklevel=2)

@@ -70,7 +70,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(synthetic_voc, tiny_
 
     monkeypatch.setattr(store_mod.os, "replace", dying_replace)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        run("predict", synthetic_voc, tiny_openai_ckpt, out)
+        run("predict", synthetic_voc, tiny_openai_ckpt, out, "--model.preview_images", "0")
     store = out / "pseudo_labels"
     assert len(list((store / "masks").glob("*.png"))) == 2 and not list(store.rglob("*.tmp"))
     monkeypatch.setattr(store_mod.os, "replace", real_replace)
@@ -152,3 +152,24 @@ def test_the_documented_command_line_runs(command, synthetic_voc, tiny_openai_ck
         check=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600,
     )
     assert len(list((out / "pseudo_labels" / "masks").glob("*.png"))) == len(read_split(synthetic_voc, "train"))
+
+
+def test_odd_image_modes_and_sizes_go_through_the_labeler(synthetic_voc, tiny_openai_ckpt, tmp_path):
+    """Grey, CMYK, RGBA, 16-bit and smaller-than-a-patch images: maps at each image's own size."""
+    from PIL import Image
+
+    ids = read_split(synthetic_voc, "train")
+    rng = np.random.default_rng(0)
+    jpeg = lambda i: synthetic_voc / "JPEGImages" / f"{ids[i]}.jpg"  # noqa: E731 - PIL reads by content
+    Image.open(jpeg(0)).convert("L").save(jpeg(0), format="JPEG")
+    Image.open(jpeg(1)).convert("CMYK").save(jpeg(1), format="JPEG")
+    Image.open(jpeg(2)).convert("RGBA").save(jpeg(2), format="PNG")
+    Image.fromarray(rng.integers(0, 65535, (40, 30), dtype=np.uint16)).save(jpeg(3), format="PNG")
+    Image.fromarray(rng.integers(0, 255, (7, 5, 3), dtype=np.uint8)).save(jpeg(4), format="PNG")
+    out = tmp_path / "out"
+    run("predict", synthetic_voc, tiny_openai_ckpt, out)
+    for i in range(5):
+        with np.load(out / "pseudo_labels" / "cams" / f"{ids[i]}.npz") as f:
+            w, h = Image.open(jpeg(i)).size
+            assert f["cams"].shape[1:] == (h, w) and np.isfinite(f["cams"].astype(np.float32)).all()
+    assert len(list((out / "pseudo_labels" / "preview").glob("*.jpg"))) == min(8, len(ids))
