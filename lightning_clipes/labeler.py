@@ -16,7 +16,7 @@ import torch
 from lightning_clipes.components.clip_loader import load_clip
 from lightning_clipes.components.clipes import CLIPES, ClassMaps
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
-from lightning_clipes.components.pseudo_mask import cams_to_label
+from lightning_clipes.components.pseudo_mask import cams_to_label, mask_and_confidence
 from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
 from lightning_clipes.visualize import label_panel
@@ -116,8 +116,9 @@ class CLIPESLabeler(L.LightningModule):
         todo = [it for it in batch if not store.is_done(it["id"])]
         for item, maps in self.label_items(todo):
             cams = maps.cams.cpu().numpy()
-            mask = cams_to_label(maps.cams, maps.keys, self.bg_power).cpu().numpy().astype("uint8")
-            store.write(item["id"], maps.keys.numpy(), cams, mask)
+            mask, confidence = mask_and_confidence(maps.cams, maps.keys, self.bg_power)
+            mask = mask.cpu().numpy().astype("uint8")
+            store.write(item["id"], maps.keys.numpy(), cams, mask, confidence.cpu().numpy())
             if self.previews_written < self.hparams.preview_images:
                 self.previews_written += 1
                 buf = io.BytesIO()

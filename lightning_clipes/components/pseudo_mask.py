@@ -1,6 +1,7 @@
 """From class maps to a label map (method §5)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -28,3 +29,23 @@ def cams_to_label(cams: torch.Tensor, keys: torch.Tensor, power: float = 1.0) ->
     """
     lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(cams.device)
     return lut[scores_with_background(cams, power).argmax(dim=0)]
+
+
+def mask_and_confidence(cams: torch.Tensor, keys: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training mask and confidence without CRF (method §5).
+
+    The scores [bg, cams] are divided by their sum per pixel; label = argmax, confidence = the
+    winning share. Returns ((H, W) int64 class ids with 0 = background, (H, W) float32 in [0, 1]).
+    """
+    scores = scores_with_background(cams, power)
+    probs = scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    confidence, winner = probs.max(dim=0)
+    lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(cams.device)
+    return lut[winner], confidence.float()
+
+
+def apply_confidence_threshold(mask: np.ndarray, confidence: np.ndarray, threshold: float, ignore_index: int = 255) -> np.ndarray:
+    """Confidence-guided loss targets: pixels with confidence < threshold become ``ignore_index``."""
+    out = np.asarray(mask).copy()
+    out[np.asarray(confidence) < threshold] = ignore_index
+    return out

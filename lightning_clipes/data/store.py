@@ -2,12 +2,14 @@
 
 Layout under ``root``::
 
-    cams/<image_id>.npz    keys (K,) int64, cams (K, H, W) float16  [the reference's attn_highres]
-    masks/<image_id>.png   (H, W) uint8 class indices, VOC palette, 255 = ignored
+    cams/<image_id>.npz         keys (K,) int64, cams (K, H, W) float16  [the reference's attn_highres]
+    confidence/<image_id>.png   (H, W) 16-bit PNG, confidence * 65535
+    masks/<image_id>.png        (H, W) uint8 class indices (argmax, not thresholded), VOC palette
 
 A file is written to a temporary name in the same folder and renamed into place, so a killed job
 never leaves a half-written file under a real name; the mask is written last, so an image counts
-as done only when both files are there.
+as done only when all its files are there. The confidence threshold of the confidence-guided loss
+is applied when reading, so one store serves every threshold.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from PIL import Image
 
 from lightning_clipes.data.voc_format import load_mask, save_mask_png
 
@@ -56,19 +59,48 @@ class PseudoLabelStore:
     def mask_path(self, image_id: str) -> Path:
         return self.root / "masks" / f"{image_id}.png"
 
-    def is_done(self, image_id: str) -> bool:
-        """Both files of the image are in place (a rerun skips it)."""
-        return self.mask_path(image_id).is_file() and (not self.save_cams or self.cam_path(image_id).is_file())
+    def confidence_path(self, image_id: str) -> Path:
+        return self.root / "confidence" / f"{image_id}.png"
 
-    def write(self, image_id: str, keys: np.ndarray, cams: np.ndarray, mask: np.ndarray) -> None:
-        """Store one image: keys (K,) int, cams (K, H, W) float in [0, 1], mask (H, W) uint8."""
+    def is_done(self, image_id: str) -> bool:
+        """All files of the image are in place (a rerun skips it)."""
+        return (
+            self.mask_path(image_id).is_file()
+            and self.confidence_path(image_id).is_file()
+            and (not self.save_cams or self.cam_path(image_id).is_file())
+        )
+
+    def is_readable(self, image_id: str) -> bool:
+        """The image's mask and confidence decode (a damaged entry is recomputed)."""
+        try:
+            self.read(image_id)
+            return True
+        except (OSError, ValueError, SyntaxError):
+            return False
+
+    def write(self, image_id: str, keys: np.ndarray, cams: np.ndarray, mask: np.ndarray, confidence: np.ndarray) -> None:
+        """Store one image: keys (K,) int, cams (K, H, W) float in [0, 1], mask (H, W) uint8, confidence (H, W) in [0, 1]."""
         if self.save_cams:
             buf = io.BytesIO()
             np.savez_compressed(buf, keys=np.asarray(keys, dtype=np.int64), cams=np.asarray(cams, dtype=np.float16))
             atomic_write_bytes(self.cam_path(image_id), buf.getvalue())
+        conf16 = np.rint(np.clip(np.asarray(confidence, dtype=np.float64), 0, 1) * 65535).astype(np.uint16)
+        buf = io.BytesIO()
+        Image.fromarray(conf16).save(buf, format="PNG")
+        atomic_write_bytes(self.confidence_path(image_id), buf.getvalue())
         buf = io.BytesIO()
         save_mask_png(buf, np.asarray(mask, dtype=np.uint8))
         atomic_write_bytes(self.mask_path(image_id), buf.getvalue())
+
+    def read(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mask (H, W) uint8, confidence (H, W) float32 in [0, 1])."""
+        mask = load_mask(self.mask_path(image_id))
+        with Image.open(self.confidence_path(image_id)) as img:
+            img.load()
+            confidence = np.asarray(img, dtype=np.float32) / 65535
+        if confidence.shape != mask.shape:
+            raise ValueError(f"Store entry {image_id}: mask {mask.shape} and confidence {confidence.shape} differ.")
+        return mask, confidence
 
     def read_cams(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(keys (K,) int64, cams (K, H, W) float16)."""
