@@ -15,6 +15,9 @@ _EXPORTS = {
     "CLIPESLabeler": "lightning_clipes.labeler",
     "VOCDataModule": "lightning_clipes.data.voc_datamodule",
     "SyntheticVOCDataModule": "lightning_clipes.data.voc_datamodule",
+    "SegmentationStudent": "lightning_clipes.student",
+    "VOCSegmentationDataModule": "lightning_clipes.data.segmentation_datamodule",
+    "SyntheticSegmentationDataModule": "lightning_clipes.data.segmentation_datamodule",
     "cli_main": "lightning_clipes.cli",
 }
 __all__ = sorted(_EXPORTS)

@@ -7,10 +7,30 @@ Model and data are chosen in the YAML by ``class_path`` (``lightning_clipes.CLIP
 """
 from __future__ import annotations
 
+import os
+import socket
+import sys
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+
+def wandb_reachable(timeout: float = 2.0) -> bool:
+    """An API key is configured and the W&B server answers (so ``wandb.init`` will not hang)."""
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        has_key = netrc.is_file() and host in netrc.read_text(errors="ignore")
+    if not has_key:
+        return False
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class CLIPESCLI(LightningCLI):
@@ -19,6 +39,15 @@ class CLIPESCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # GradCAM needs autograd inside predict/validate, which Lightning runs under inference_mode by default.
         parser.set_defaults({"trainer.inference_mode": False})
+
+    def before_instantiate_classes(self) -> None:
+        """W&B runs offline (synced later with ``wandb sync``) when there is no key or no network."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        loggers = config.get("trainer", {}).get("logger")
+        uses_wandb = "WandbLogger" in str(loggers)
+        if uses_wandb and os.environ.get("WANDB_MODE") is None and not wandb_reachable():
+            os.environ["WANDB_MODE"] = "offline"
+            print("W&B: no API key or no network; logging offline (upload later with `wandb sync`).", file=sys.stderr)
 
 
 def cli_main(args: Optional[list[str]] = None) -> CLIPESCLI:

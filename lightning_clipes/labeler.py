@@ -5,7 +5,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,6 +17,7 @@ import lightning as L
 import torch
 
 from lightning_clipes.components.clip_loader import load_clip
+from lightning_clipes.components.crf import CRFParams, require_crf
 from lightning_clipes.components.clipes import CLIPES, ClassMaps
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
 from lightning_clipes.components.pseudo_mask import cams_to_label, mask_and_confidence
@@ -40,6 +44,8 @@ class CLIPESLabeler(L.LightningModule):
         save_cams: keep the float16 cams (``cams/<id>.npz``) beside the masks.
         preview_images: write ``preview/<id>.jpg`` (image | strongest cam | mask) for this many
             images per process, to look at the labels without opening arrays.
+        crf: refine training masks with the dense CRF (the paper's +dCRF; needs
+            ``pip install "lightning_clipes[crf]"``); ``crf_params`` holds its settings.
     """
 
     def __init__(
@@ -56,9 +62,13 @@ class CLIPESLabeler(L.LightningModule):
         output_dir: Optional[str] = None,
         save_cams: bool = True,
         preview_images: int = 8,
+        crf: bool = False,
+        crf_params: CRFParams = CRFParams(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if crf:
+            require_crf()  # fail at start, with the install command, not after hours of labelling
         if pretrained is None:
             warnings.warn("CLIPESLabeler has random CLIP weights (pretrained=None): its masks are meaningless.", stacklevel=2)
         clip = load_clip(model_name, pretrained, quick_gelu)
@@ -75,6 +85,29 @@ class CLIPESLabeler(L.LightningModule):
         self.previews_written = 0
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def crf_params(self) -> Optional[CRFParams]:
+        """CRF settings when the CRF is on, else None."""
+        return self.hparams.crf_params if self.hparams.crf else None
+
+    def describe(self) -> dict:
+        """Everything that changes the labels (not where they are written)."""
+        keys = ("model_name", "quick_gelu", "background", "templates", "box_threshold", "affinity_layers", "bg_power", "crf")
+        out = {k: self.hparams[k] for k in keys}
+        out.update(class_names=self.class_names, pretrained=self.hparams.pretrained,
+                   crf_params=dataclasses.asdict(self.hparams.crf_params) if self.hparams.crf else None)
+        return out
+
+    def fingerprint(self, extra: Optional[dict] = None) -> str:
+        """16 hex digits over :meth:`describe` (minus the weights' path) and the CLIP weights themselves."""
+        h = hashlib.sha256()
+        desc = {k: v for k, v in self.describe().items() if k != "pretrained"}
+        h.update(json.dumps({**desc, **(extra or {})}, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.clipes.clip.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
     def store(self) -> PseudoLabelStore:
         root = self.output_dir or Path(self.trainer.default_root_dir) / "pseudo_labels"
         return PseudoLabelStore(root, save_cams=self.hparams.save_cams)

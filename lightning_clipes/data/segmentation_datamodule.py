@@ -1,0 +1,168 @@
+"""``VOCSegmentationDataModule``: CLIP-ES pseudo-labels made inside the training job, then student data.
+
+Before the first training step every rank labels its own shard of the train split with the frozen
+labeler on its own device, writes to a store keyed by the labeler's fingerprint, and waits for the
+others at a barrier; training then reads masks and confidences from the store.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch.utils.data import DataLoader
+
+from lightning_clipes.data.pseudo_label_pass import fill_store
+from lightning_clipes.data.segmentation_sets import FullImages, GroundTruthReader, PseudoLabelledCrops, train_transform
+from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
+from lightning_clipes.data.synthetic import ensure_synthetic_voc
+from lightning_clipes.data.voc_datamodule import VOCDataModule
+from lightning_clipes.data.voc_format import VOC_CLASSES
+from lightning_clipes.labeler import CLIPESLabeler
+
+
+class VOCSegmentationDataModule(VOCDataModule):
+    """Student data on the VOC layout, with pseudo-labels from ``labeler``.
+
+    Args:
+        root: the ``VOC2012`` folder.
+        split: the training split, pseudo-labelled in the job (``train_aug`` for the paper's student).
+        val_split: the split with ground truth for ``val/mIoU``.
+        test_split: the split ``test``/``predict`` run on (default: ``val_split``).
+        labeler: the frozen CLIP-ES labeler; ``None`` trains on ground-truth masks instead (an
+            oracle run, for plumbing checks).
+        store_dir: where pseudo-label stores live; each labeler configuration (and its weights)
+            gets its own subfolder, shared by every run that uses the same labeler.
+        confidence_threshold: the confidence-guided loss threshold; pixels below it are ignored.
+        crop_size, scale_range, hflip, color_jitter: training augmentation.
+        batch_size: training crops per device; ``label_batch_size``: images per labeler call.
+        num_workers: data-loading processes; ``crf_workers``: CRF processes during labelling.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "train_aug",
+        val_split: str = "val",
+        test_split: Optional[str] = None,
+        labeler: Optional[CLIPESLabeler] = None,
+        store_dir: str = "outputs/pseudo_labels",
+        confidence_threshold: float = 0.95,
+        crop_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        hflip: bool = True,
+        color_jitter: float = 0.3,
+        batch_size: int = 8,
+        label_batch_size: int = 8,
+        num_workers: int = 4,
+        crf_workers: int = 2,
+        class_names: Sequence[str] = VOC_CLASSES,
+        skip_unreadable: bool = True,
+    ) -> None:
+        super().__init__(root, split, class_names, batch_size, num_workers, skip_unreadable)
+        if not 0 <= confidence_threshold <= 1:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+        if labeler is not None and len(labeler.class_names) != len(self.class_names):
+            raise ValueError(
+                f"The labeler has {len(labeler.class_names)} classes and the data {len(self.class_names)}; "
+                "give the labeler one prompt name per dataset class, in the same order."
+            )
+        self.val_split, self.test_split = val_split, test_split or val_split
+        self.labeler = labeler
+        self.store_dir = Path(store_dir)
+        self.confidence_threshold = confidence_threshold
+        self.augment = dict(crop_size=crop_size, scale_range=tuple(scale_range), hflip=hflip, color_jitter=color_jitter)
+        self.label_batch_size, self.crf_workers = label_batch_size, crf_workers
+        self.train_set: Optional[PseudoLabelledCrops] = None
+        self.store: Optional[PseudoLabelStore] = None
+
+    # ------------------------------------------------------------------ stages
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._train_set()
+        if stage in (None, "fit", "validate") and not hasattr(self, "val_set"):
+            self.val_set = FullImages(self.build_dataset(self.val_split))
+        if stage in ("test", "predict") and not hasattr(self, "test_set"):
+            self.test_set = FullImages(self.build_dataset(self.test_split))
+
+    def _train_set(self) -> PseudoLabelledCrops:
+        images = self.build_dataset(self.split)
+        if self.labeler is None:
+            have_gt = [i for i, p in zip(images.ids, images.gt_paths) if p is not None]
+            if not have_gt:
+                raise FileNotFoundError(f"No ground-truth masks for split {self.split!r}; set data.labeler to make pseudo-labels.")
+            warnings.warn("data.labeler is null: the student trains on GROUND-TRUTH masks (an oracle run).", stacklevel=2)
+            ids, read = have_gt, GroundTruthReader(images)
+        else:
+            self.store = self._pseudo_labels(images)
+            ids = [i for i in images.ids if self.store.is_done(i)]
+            missing = len(images) - len(ids)
+            if missing:
+                warnings.warn(f"{missing} of {len(images)} training images have no pseudo-label and are left out.", stacklevel=2)
+            read = self.store.read
+        if not ids:
+            raise RuntimeError(f"No training image of split {self.split!r} has a mask; see the warnings above.")
+        return PseudoLabelledCrops(images, ids, read, self.confidence_threshold, train_transform(**self.augment))
+
+    def _pseudo_labels(self, images) -> PseudoLabelStore:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        device = trainer.strategy.root_device if trainer is not None else self.labeler.device
+        fingerprint = self.labeler.fingerprint(extra={"root": str(self.root.resolve()), "split": self.split})
+        store = PseudoLabelStore(self.store_dir / fingerprint, save_cams=False)
+        if rank == 0:
+            store.write_meta({"labeler": self.labeler.describe(), "root": str(self.root.resolve()), "split": self.split})
+        stats = fill_store(
+            self.labeler, images, store, device, rank, world, self.label_batch_size,
+            self.num_workers, self.crf_workers, progress=rank == 0,
+        )
+        # who labelled what, for people (and for the DDP test): one file per rank and pass
+        log = store.root / "passes" / f"rank{rank}_of{world}.json"
+        atomic_write_bytes(log, json.dumps(stats, indent=1).encode())
+        if trainer is not None:
+            trainer.strategy.barrier("clipes_pseudo_labels")
+        return store
+
+    # ------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=len(self.train_set) > self.batch_size,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=1, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class SyntheticSegmentationDataModule(VOCSegmentationDataModule):
+    """The embedded default for the whole job: the package's synthetic VOC-format dataset
+    (``train`` → ``val``), written by ``prepare_data`` on first use. Arguments as
+    :class:`VOCSegmentationDataModule`, plus the dataset's ``num_train``, ``num_val`` and ``seed``."""
+
+    def __init__(
+        self,
+        root: str = "outputs/synthetic/VOC2012",
+        labeler: Optional[CLIPESLabeler] = None,
+        store_dir: str = "outputs/synthetic/pseudo_labels",
+        num_train: int = 32,
+        num_val: int = 8,
+        seed: int = 0,
+        confidence_threshold: float = 0.95,
+        crop_size: int = 64,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            root, "train", "val", None, labeler, store_dir, confidence_threshold, crop_size, scale_range,
+            batch_size=batch_size, label_batch_size=8, num_workers=num_workers,
+        )
+        self.synthetic = {"num_train": num_train, "num_val": num_val, "seed": seed}
+
+    def prepare_data(self) -> None:
+        ensure_synthetic_voc(self.root, **self.synthetic)
