@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_clipes.components.vit_tokens import block_forward
+
 CLIPES_TEMPLATE = "a clean origami {}."
 
 VOC_PROMPT_NAMES = (
@@ -113,5 +115,17 @@ def encode_prompts(
     feats = []
     for name in names:  # one name per call, as the reference: batch size changes the last bits
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).mean(dim=0))
+        feats.append(F.normalize(encode_text(model, tokens).float(), dim=-1).mean(dim=0))
     return F.normalize(torch.stack(feats), dim=-1)
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's ``encode_text`` (EOT-token pooling) with the explicit-softmax attention the reference
+    runs; open_clip's own call takes the fused path, 1e-6 away. (T, 77) int -> (T, E)."""
+    if getattr(model, "text_pool_type", "argmax") != "argmax" or not hasattr(model, "token_embedding"):
+        return model.encode_text(tokens)  # not an OpenAI-style text tower: use open_clip's own
+    x = model.token_embedding(tokens) + model.positional_embedding
+    for block in model.transformer.resblocks:
+        x, _ = block_forward(block, x, need_attn=True, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection

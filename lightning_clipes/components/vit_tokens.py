@@ -72,17 +72,24 @@ def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(
-    block: nn.Module, x: torch.Tensor, need_attn: bool, z: Optional[torch.Tensor] = None
+    block: nn.Module,
+    x: torch.Tensor,
+    need_attn: bool,
+    z: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One open_clip ``ResidualAttentionBlock`` that also returns head-averaged attention.
 
     Args:
         x: (B, T, D) block input (batch first).
-        need_attn: return the (B, T, T) attention weights averaged over heads.
+        need_attn: return the (B, T, T) attention weights averaged over heads. Asking for them also
+            selects PyTorch's explicit softmax path, whose last bits the reference's numbers carry.
         z: ``ln_1(x)`` if the caller already holds it (GradCAM differentiates with respect to it).
+        attn_mask: additive (T, T) mask (the text tower's causal mask).
     """
     z = block.ln_1(x) if z is None else z
-    out, attn = block.attn(z, z, z, need_weights=need_attn, average_attn_weights=True)
+    mask = attn_mask.to(z.dtype) if attn_mask is not None else None
+    out, attn = block.attn(z, z, z, need_weights=need_attn, average_attn_weights=True, attn_mask=mask)
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, attn
