@@ -66,7 +66,16 @@ class CLIPESLabeler(L.LightningModule):
         crf_params: CRFParams = CRFParams(),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Plain attributes, not save_hyperparameters(): LightningCLI hands the *model's* hparams to
+        # every LightningModule it builds, and this one is often nested under data.labeler.
+        self.settings = {
+            "model_name": model_name, "pretrained": pretrained, "quick_gelu": quick_gelu,
+            "class_names": class_names, "background": background, "templates": list(templates),
+            "box_threshold": box_threshold, "affinity_layers": affinity_layers, "bg_power": bg_power,
+            "crf": crf, "crf_params": dataclasses.asdict(crf_params),
+        }
+        self.save_cams, self.preview_images = save_cams, preview_images
+        self._crf_params = crf_params if crf else None
         if crf:
             require_crf()  # fail at start, with the install command, not after hours of labelling
         if pretrained is None:
@@ -88,14 +97,13 @@ class CLIPESLabeler(L.LightningModule):
     @property
     def crf_params(self) -> Optional[CRFParams]:
         """CRF settings when the CRF is on, else None."""
-        return self.hparams.crf_params if self.hparams.crf else None
+        return self._crf_params
 
     def describe(self) -> dict:
         """Everything that changes the labels (not where they are written)."""
-        keys = ("model_name", "quick_gelu", "background", "templates", "box_threshold", "affinity_layers", "bg_power", "crf")
-        out = {k: self.hparams[k] for k in keys}
-        out.update(class_names=self.class_names, pretrained=self.hparams.pretrained,
-                   crf_params=dataclasses.asdict(self.hparams.crf_params) if self.hparams.crf else None)
+        out = dict(self.settings, class_names=self.class_names)
+        if not out["crf"]:
+            out["crf_params"] = None
         return out
 
     def fingerprint(self, extra: Optional[dict] = None) -> str:
@@ -110,7 +118,7 @@ class CLIPESLabeler(L.LightningModule):
 
     def store(self) -> PseudoLabelStore:
         root = self.output_dir or Path(self.trainer.default_root_dir) / "pseudo_labels"
-        return PseudoLabelStore(root, save_cams=self.hparams.save_cams)
+        return PseudoLabelStore(root, save_cams=self.save_cams)
 
     def _check_data(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -142,7 +150,7 @@ class CLIPESLabeler(L.LightningModule):
     # ----------------------------------------------------------------- predict
     def on_predict_start(self) -> None:
         self._check_data()
-        self.store().write_meta({"labeler": dict(self.hparams), "class_names": self.class_names})
+        self.store().write_meta({"labeler": self.describe()})
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> None:
         store = self.store()
@@ -152,7 +160,7 @@ class CLIPESLabeler(L.LightningModule):
             mask, confidence = mask_and_confidence(maps.cams, maps.keys, self.bg_power)
             mask = mask.cpu().numpy().astype("uint8")
             store.write(item["id"], maps.keys.numpy(), cams, mask, confidence.cpu().numpy())
-            if self.previews_written < self.hparams.preview_images:
+            if self.previews_written < self.preview_images:
                 self.previews_written += 1
                 buf = io.BytesIO()
                 label_panel(item["image"], cams, mask, item["gt"]).save(buf, format="JPEG", quality=90)

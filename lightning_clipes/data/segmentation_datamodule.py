@@ -126,7 +126,10 @@ class VOCSegmentationDataModule(VOCDataModule):
 
     # ------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=len(self.train_set) > self.batch_size,
+        # drop the last, smaller batch (batch-norm cannot train on a batch of one) unless it is all there is
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = len(self.train_set) // world
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=per_rank >= self.batch_size,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,178 @@
+"""The segmentation student as plain torch: an architecture registry over segmentation-models-pytorch,
+the encoder's input normalisation, and a wrapper that takes [0, 1] images of any size.
+
+    net = create_student("DeepLabV3Plus", "resnet101", "imagenet", num_classes=21)
+    student = PaddedSegmenter(net, *encoder_normalisation("resnet101"))
+    logits = student(images)                   # (B, 21, H, W) for images (B, 3, H, W) in [0, 1]
+    probs = student.predict_probabilities(images, scales=(0.5, 1.0, 1.5), flip=True)
+
+Nothing here downloads anything except ``create_student`` with ``encoder_weights`` set (smp fetches
+the ImageNet weights from the Hugging Face hub on first use and caches them).
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Optional, Sequence
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name (lower case) -> builder(encoder_name, encoder_weights, num_classes) -> nn.Module
+_CUSTOM_ARCHITECTURES: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {}
+
+
+def available_architectures() -> list[str]:
+    """Valid ``arch`` names: smp's architectures (any case) and those added by ``register_architecture``."""
+    return sorted({*smp.MODEL_ARCHITECTURES_MAPPING, *_CUSTOM_ARCHITECTURES})
+
+
+def register_architecture(name: str, builder: Callable[[str, Optional[str], int], nn.Module]) -> None:
+    """Add an architecture: ``builder(encoder_name, encoder_weights, num_classes)`` returns a module that
+    maps (B, 3, H, W) normalised images to (B, num_classes, H, W) logits (tests register tiny ones)."""
+    _CUSTOM_ARCHITECTURES[name.lower()] = builder
+
+
+def create_student(
+    arch: str = "DeepLabV3Plus",
+    encoder_name: str = "resnet101",
+    encoder_weights: Optional[str] = "imagenet",
+    num_classes: int = 21,
+) -> nn.Module:
+    """A segmentation network with randomly initialised head (and ImageNet encoder if asked).
+
+    Args:
+        arch: an smp architecture (``DeepLabV3Plus``, ``Unet``, ``FPN`` …, case-insensitive) or a
+            registered one; see :func:`available_architectures`.
+        encoder_name: an smp encoder (``resnet101``, ``resnet18``, ``tu-<timm name>`` …).
+        encoder_weights: ``imagenet`` (downloaded once by smp), another tag of that encoder, or
+            ``None`` for random weights.
+        num_classes: output channels, background included (21 for VOC).
+    Returns:
+        a module mapping (B, 3, H, W) float32 normalised images to (B, num_classes, H, W) logits;
+        smp models need H and W divisible by 32 (:class:`PaddedSegmenter` pads for you).
+    Raises:
+        ValueError: unknown architecture or encoder (the message lists the valid names).
+        RuntimeError: the encoder weights could not be downloaded.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (background included), got {num_classes}.")
+    key = arch.lower()
+    if key in _CUSTOM_ARCHITECTURES:
+        return _CUSTOM_ARCHITECTURES[key](encoder_name, encoder_weights, num_classes)
+    if key not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise ValueError(f"Unknown student architecture {arch!r}; valid names: {available_architectures()}.")
+    try:
+        return smp.create_model(key, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes)
+    except KeyError as err:  # smp's unknown encoder / unknown weights tag
+        raise ValueError(f"{err.args[0]} (set --model.encoder_name / --model.encoder_weights).") from None
+    except OSError as err:  # hub download failed (no network, no cache)
+        raise RuntimeError(
+            f"Could not fetch the {encoder_weights!r} weights of encoder {encoder_name!r} ({err}). Connect to the "
+            "internet once so that smp caches them (~/.cache/huggingface), or set --model.encoder_weights null "
+            "to start from random weights."
+        ) from err
+
+
+def encoder_normalisation(
+    encoder_name: str, encoder_weights: Optional[str] = "imagenet"
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) per RGB channel for images in [0, 1], as smp's ``get_preprocessing_params`` gives them.
+
+    Read without network: timm's pretrained config for ``tu-`` encoders, otherwise the ``config.json``
+    that smp cached beside the weights (``create_student`` with weights fetches it). Falls back to the
+    ImageNet statistics when the encoder or its config is unknown, e.g. for random weights. Encoders
+    whose config says ``input_range [0, 255]`` get their statistics divided by 255.
+    """
+    settings = None
+    try:
+        if encoder_name.startswith("tu-"):
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(encoder_name[3:])
+            settings = cfg.__dict__ if cfg is not None else None
+        elif encoder_weights is not None and encoder_name in smp.encoders.encoders:
+            from huggingface_hub import hf_hub_download
+
+            spec = smp.encoders.encoders[encoder_name]["pretrained_settings"][encoder_weights]
+            path = hf_hub_download(spec["repo_id"], "config.json", revision=spec["revision"], local_files_only=True)
+            with open(path) as f:
+                settings = json.load(f)
+    except Exception:  # not cached, unknown tag, no timm entry: the ImageNet statistics are the right guess
+        settings = None
+    if not settings or "mean" not in settings or "std" not in settings:
+        return IMAGENET_MEAN, IMAGENET_STD
+    scale = float(max(settings.get("input_range") or [0, 1]))
+    mean = tuple(float(m) / scale for m in settings["mean"])
+    std = tuple(float(s) / scale for s in settings["std"])
+    return mean, std  # type: ignore[return-value]
+
+
+class PaddedSegmenter(nn.Module):
+    """``net`` behind the encoder's normalisation and padding, so any (H, W) in [0, 1] goes in.
+
+    Args:
+        net: maps (B, 3, h, w) normalised images, h and w multiples of ``multiple``, to (B, C, h, w) logits.
+        mean, std: per-channel statistics of the encoder for [0, 1] RGB (persistent buffers, so a
+            checkpoint carries them).
+        multiple: pad H and W up to a multiple of this (32 for smp encoders; more if the encoder's
+            output stride needs it).
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 multiple: int = 32) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        stride = getattr(getattr(net, "encoder", None), "output_stride", multiple)
+        self.multiple = math.lcm(int(multiple), int(stride)) if isinstance(stride, int) and stride > 0 else multiple
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> (B, C, H, W) float32 logits, for any H, W >= 1."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}.")
+        h, w = images.shape[-2:]
+        x = (images.float() - self.mean) / self.std
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        if pad_h or pad_w:  # zeros after normalisation = the mean colour, on the right and bottom
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        logits = self.net(x)
+        if logits.shape[-2:] != x.shape[-2:]:  # an architecture with a strided head
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    @torch.no_grad()
+    def predict_probabilities(self, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+        """Softmax probabilities averaged over input scales and (optionally) the horizontal flip.
+
+        Each scale resizes the input bilinearly (align_corners=False) to round(s·H) × round(s·W), and
+        its logits are resized back to H × W before the softmax; a flipped input's logits are flipped back.
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1].
+        Returns:
+            (B, C, H, W) float32 probabilities (each pixel sums to 1).
+        """
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive factors, got {list(scales)}.")
+        h, w = images.shape[-2:]
+        total = None
+        for s in scales:
+            x = images
+            if s != 1.0:
+                size = (max(1, round(h * s)), max(1, round(w * s)))
+                x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            for flipped in ((False, True) if flip else (False,)):
+                logits = self(x.flip(-1) if flipped else x)
+                logits = logits.flip(-1) if flipped else logits
+                if logits.shape[-2:] != (h, w):
+                    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                probs = logits.float().softmax(1)
+                total = probs if total is None else total + probs
+        return total / (len(scales) * (2 if flip else 1))

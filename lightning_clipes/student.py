@@ -1,0 +1,255 @@
+"""``SegmentationStudent``: the segmentation network trained on CLIP-ES pseudo-masks (method §5-6).
+
+``fit`` minimises the confidence-guided loss with an iteration-based poly schedule and validates at
+full resolution (``val/mIoU``, the checkpoint monitor); ``test`` scores ``test/mIoU`` where there is
+ground truth, and ``test``/``predict`` write VOC-palette PNGs to ``<output_dir>/predictions/<id>.png``
+for the VOC evaluation server. The network and its normalisation live in
+:mod:`lightning_clipes.components.student_factory`, the loss in :mod:`lightning_clipes.components.losses`.
+
+Batches (from the segmentation DataModules):
+
+* train: ``{"image": (B, 3, h, w) float32 in [0, 1], "mask": (B, h, w) int64, 255 = ignored}``;
+  other keys (``confidence``, ``id``) are ignored.
+* val / test / predict: ``{"id": [str], "image": (1, 3, H, W) float32 in [0, 1],
+  "mask": (1, H, W) int64 ground truth, 255 = void (all 255 when there is none)}``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from lightning_clipes.components.losses import confidence_guided_loss
+from lightning_clipes.components.student_factory import PaddedSegmenter, create_student, encoder_normalisation
+from lightning_clipes.data.store import atomic_write_bytes
+from lightning_clipes.data.voc_format import save_mask_png
+from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
+from lightning_clipes.visualize import colour_mask
+
+IGNORE_INDEX = 255
+
+
+def poly_factor(step: int, total_steps: int, power: float) -> float:
+    """Poly learning-rate multiplier ``(1 - step / total_steps) ** power``, 0 from ``total_steps`` on."""
+    return (1.0 - min(step, total_steps) / total_steps) ** power
+
+
+def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """One row, image | ground truth | prediction over the image: (H, W, 3) uint8, (H, W) uint8 twice ->
+    (H, 3W + 8, 3) uint8 (void = 255 shows in the palette's cream)."""
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([image, gap, colour_mask(gt), gap, colour_mask(pred, image)], axis=1)
+
+
+class SegmentationStudent(L.LightningModule):
+    """A DeepLab-style student trained with the confidence-guided loss on pseudo-masks.
+
+    Args:
+        num_classes: classes with background (21 for VOC); must match the data's masks.
+        arch, encoder_name, encoder_weights: the network, see
+            :func:`~lightning_clipes.components.student_factory.create_student` (``encoder_weights: null``
+            = random init, nothing downloaded).
+        optimizer: built over the trainable parameters; in YAML
+            ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-4}}``. Default SGD lr 0.01, momentum
+            0.9, weight decay 5e-4 (the paper: SGD momentum 0.9, wd 5e-4, lr 2e-4 for its DeepLabV2).
+            jsonargparse keeps the default's init_args that the new class also takes (here
+            ``weight_decay``) unless the YAML sets them, so give ``weight_decay`` when you switch.
+        poly_power: LR = base · (1 - step / max_steps) ** poly_power, stepped every optimizer step.
+        val_scales, val_flip: test-time augmentation of val/test/predict (softmax averaged over the
+            scales and the horizontal flip); ``[1.0]`` and ``false`` = one plain forward.
+        class_names: one name per class, background first, for ``val/IoU/<name>``; default: the
+            DataModule's foreground names after ``background`` when their count fits, else indices.
+        num_panels: image | ground truth | prediction pictures logged per validation (rank 0, W&B or
+            TensorBoard loggers only).
+        output_dir: where ``predictions/<id>.png`` go; default ``trainer.default_root_dir``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        arch: str = "DeepLabV3Plus",
+        encoder_name: str = "resnet101",
+        encoder_weights: Optional[str] = "imagenet",
+        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        poly_power: float = 0.9,
+        val_scales: list[float] = [1.0],  # noqa: B006 (jsonargparse needs the literal list as the default)
+        val_flip: bool = False,
+        class_names: Optional[list[str]] = None,
+        num_panels: int = 4,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        # The optimizer callable is not picklable (a lambda); the CLI's config.yaml records it instead.
+        # The settings are read from attributes, not self.hparams: under LightningCLI every LightningModule
+        # built from the config receives the *model's* hparams, so self.hparams is for logs/checkpoints only.
+        self.save_hyperparameters(ignore=["optimizer"])
+        if poly_power < 0:
+            raise ValueError(f"poly_power must be >= 0, got {poly_power}.")
+        if not val_scales or any(s <= 0 for s in val_scales):
+            raise ValueError(f"val_scales must be a non-empty list of positive factors, got {val_scales}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names lists {len(class_names)} names but num_classes is {num_classes}; give one name "
+                "per class, background first, or leave class_names null."
+            )
+        net = create_student(arch, encoder_name, encoder_weights, num_classes)
+        self.model = PaddedSegmenter(net, *encoder_normalisation(encoder_name, encoder_weights))
+        self.optimizer_factory = optimizer
+        self.num_classes, self.poly_power = num_classes, poly_power
+        self.val_scales, self.val_flip = list(val_scales), val_flip
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_panels, self.output_dir = num_panels, output_dir
+        self.val_confmat = segmentation_confmat(num_classes, IGNORE_INDEX)
+        self.test_confmat = segmentation_confmat(num_classes, IGNORE_INDEX)
+        self._panels: list[tuple[str, np.ndarray]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 in [0, 1], any H, W -> (B, num_classes, H, W) float32 logits."""
+        return self.model(images)
+
+    # ------------------------------------------------------------------- train
+    @staticmethod
+    def _unpack(batch: dict, stage: str, need_mask: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not isinstance(batch, dict) or "image" not in batch or (need_mask and "mask" not in batch):
+            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(
+                f"A {stage} batch must be a dict with 'image' (B, 3, H, W) float in [0, 1] and 'mask' (B, H, W) "
+                f"int64 (255 = ignored); got {got}. Use one of the lightning_clipes segmentation DataModules."
+            )
+        images, mask = batch["image"], batch.get("mask")
+        if mask is not None and (mask.ndim != 3 or mask.shape[0] != images.shape[0] or mask.shape[-2:] != images.shape[-2:]):
+            raise ValueError(
+                f"{stage} mask {tuple(mask.shape)} does not match image {tuple(images.shape)}; expected (B, H, W)."
+            )
+        return images, mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, mask = self._unpack(batch, "train")
+        loss = confidence_guided_loss(self.model(images), mask, IGNORE_INDEX)
+        n = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/ignored_fraction", (mask == IGNORE_INDEX).float().mean(), batch_size=n)
+        return loss
+
+    def _total_steps(self) -> int:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 0:
+            estimated = self.trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise ValueError(
+                    "The poly LR schedule needs a finite number of steps: set --trainer.max_steps N (the paper "
+                    "trains 20000 iterations) or a finite --trainer.max_epochs."
+                )
+            max_steps = int(estimated)
+        return max(1, int(max_steps))
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        schedule = partial(poly_factor, total_steps=self._total_steps(), power=self.poly_power)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step", "frequency": 1},
+        }
+
+    # --------------------------------------------------------------- inference
+    def _predict(
+        self, batch: dict, stage: str, confmat: Optional[MulticlassConfusionMatrix] = None
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Full-resolution labels (H, W) int64 per image, with ``val_scales``/``val_flip``; updates ``confmat``."""
+        images, gt = self._unpack(batch, stage, need_mask=confmat is not None)
+        ids = list(batch.get("id") or [f"{stage}_{i}" for i in range(images.shape[0])])
+        out = []
+        for i in range(images.shape[0]):
+            probs = self.model.predict_probabilities(images[i : i + 1], self.val_scales, self.val_flip)
+            pred = probs.argmax(1)[0]
+            if confmat is not None:
+                confmat.update(pred.flatten(), gt[i].flatten().long())
+            out.append((str(ids[i]), pred))
+        return out
+
+    def _class_names(self) -> list[str]:
+        if self.class_names is not None:
+            return list(self.class_names)
+        data_names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None)
+        if data_names is not None and len(data_names) + 1 == self.num_classes:
+            return ["background", *data_names]
+        return [str(i) for i in range(self.num_classes)]
+
+    def _log_iou(self, stage: str, confmat: MulticlassConfusionMatrix) -> None:
+        """Log ``<stage>/mIoU`` and ``<stage>/IoU/<class>`` (classes in ground truth or prediction)."""
+        matrix = confmat.compute()  # summed over DDP ranks by torchmetrics
+        confmat.reset()
+        if matrix.sum() == 0:
+            if stage == "val" and not self.trainer.sanity_checking:
+                warnings.warn(
+                    "No validation image had ground truth, so val/mIoU was not logged (a checkpoint monitoring "
+                    "it will fail); validate on a split with ground-truth masks.", stacklevel=2)
+            return
+        per_class, miou = iou_from_confmat(matrix)
+        self.log(f"{stage}/mIoU", miou, sync_dist=False)
+        for name, iou in zip(self._class_names(), per_class):
+            if not torch.isnan(iou):
+                self.log(f"{stage}/IoU/{name}", iou, sync_dist=False)
+
+    def _write_predictions(self, preds: list[tuple[str, torch.Tensor]]) -> None:
+        root = Path(self.output_dir or self.trainer.default_root_dir) / "predictions"
+        for image_id, pred in preds:
+            buf = io.BytesIO()
+            save_mask_png(buf, pred.to(torch.uint8).cpu().numpy())
+            atomic_write_bytes(root / f"{image_id}.png", buf.getvalue())
+
+    # -------------------------------------------------------------- validation
+    def _image_loggers(self) -> list:
+        return [lg for lg in self.loggers if isinstance(lg, (WandbLogger, TensorBoardLogger))]
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_confmat.reset()
+        self._panels = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        preds = self._predict(batch, "val", self.val_confmat)
+        want = self.num_panels - len(self._panels)
+        if want <= 0 or self.global_rank != 0 or self.trainer.sanity_checking or not self._image_loggers():
+            return
+        for i, (image_id, pred) in enumerate(preds[:want]):
+            image = (batch["image"][i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            gt = batch["mask"][i].clamp(0, 255).to(torch.uint8).cpu().numpy()
+            self._panels.append((image_id, image_panel(image, gt, pred.to(torch.uint8).cpu().numpy())))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_iou("val", self.val_confmat)
+        if self._panels:
+            ids, pictures = zip(*self._panels)
+            for logger in self._image_loggers():
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key="val/panels", images=list(pictures), caption=list(ids), step=self.global_step)
+                else:
+                    for image_id, picture in self._panels:
+                        logger.experiment.add_image(f"val/panels/{image_id}", picture, self.global_step, dataformats="HWC")
+        self._panels = []
+
+    # ------------------------------------------------------------ test/predict
+    def on_test_epoch_start(self) -> None:
+        self.test_confmat.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        has_gt = isinstance(batch, dict) and batch.get("mask") is not None
+        self._write_predictions(self._predict(batch, "test", self.test_confmat if has_gt else None))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_iou("test", self.test_confmat)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._write_predictions(self._predict(batch, "predict"))

@@ -1,0 +1,74 @@
+"""The whole method as one job: labelling pass + student, on CPU (issue #3)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_clipes.cli import cli_main
+from lightning_clipes.data.synthetic import write_synthetic_voc
+from lightning_clipes.data.voc_format import read_split
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = str(REPO / "experiments" / "synthetic.yaml")
+
+
+def test_student_learns_from_ground_truth_masks(tmp_path):
+    """Plumbing: with ground truth standing in for pseudo-labels, a small U-Net reaches val mIoU >= 0.8,
+    so augmentation, class indices, the ignore index and the metric fit together."""
+    voc = write_synthetic_voc(tmp_path / "VOC2012", num_train=48, num_val=8, seed=3)
+    cli = cli_main([
+        "fit", "-c", SYNTHETIC, "--data.class_path", "lightning_clipes.VOCSegmentationDataModule",
+        "--data.init_args.root", str(voc), "--data.init_args.split", "train", "--data.init_args.val_split", "val",
+        "--data.init_args.labeler", "null", "--data.init_args.crop_size", "64", "--data.init_args.batch_size", "8",
+        "--data.init_args.num_workers", "0", "--data.init_args.scale_range", "[0.75, 1.25]",
+        "--trainer.max_steps", "240", "--trainer.val_check_interval", "240", "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+    ])
+    assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.8
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_splits_the_labelling_and_trains(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "lightning_clipes.cli", "fit", "-c", SYNTHETIC,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+        "--data.root", str(tmp_path / "VOC2012"), "--data.store_dir", str(tmp_path / "store"), "--data.num_train", "10",
+        "--data.batch_size", "2", "--trainer.log_every_n_steps", "1",
+    ]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=900)
+    ids = read_split(tmp_path / "VOC2012", "train")
+    (store,) = [p for p in (tmp_path / "store").iterdir() if p.is_dir()]
+    ranks = [json.loads((store / "passes" / f"rank{r}_of2.json").read_text())["labelled"] for r in range(2)]
+    assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(ids)
+    assert sorted(p.stem for p in (store / "masks").glob("*.png")) == sorted(ids)
+    metrics = next(run.rglob("metrics.csv")).read_text()
+    assert "val/mIoU" in metrics and "train/loss" in metrics
+    ckpt = torch.load(next(run.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert not any("clip" in k for k in ckpt["state_dict"])  # the student only
+
+
+def test_resumed_fit_continues_from_the_checkpoint(tmp_path):
+    common = [
+        "-c", SYNTHETIC, "--data.root", str(tmp_path / "VOC2012"), "--data.store_dir", str(tmp_path / "store"),
+        "--data.num_train", "6", "--data.num_val", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "2",
+    ]
+    cli_main(["fit", *common, "--trainer.max_steps", "2"])
+    (last,) = list((tmp_path / "run").rglob("last.ckpt"))
+    cli = cli_main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
+    assert cli.trainer.global_step == 4
+
+
+def test_config_typo_fails_before_the_labelling_pass(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "-c", SYNTHETIC, "--data.root", str(tmp_path / "VOC2012"), "--data.confidense_threshold", "0.9"])
+    assert "confidense_threshold" in capsys.readouterr().err
+    assert not (tmp_path / "VOC2012").exists()
