@@ -25,6 +25,7 @@ from typing import Optional
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch.optim.lr_scheduler import LambdaLR
@@ -70,8 +71,8 @@ class SegmentationStudent(L.LightningModule):
             scales and the horizontal flip); ``[1.0]`` and ``false`` = one plain forward.
         class_names: one name per class, background first, for ``val/IoU/<name>``; default: the
             DataModule's foreground names after ``background`` when their count fits, else indices.
-        num_panels: image | ground truth | prediction pictures logged per validation (rank 0, W&B or
-            TensorBoard loggers only).
+        num_panels: image | ground truth | prediction pictures per validation (rank 0), logged to W&B or
+            TensorBoard, else written to ``<default_root_dir>/val_panels/step<N>/<id>.jpg``.
         output_dir: where ``predictions/<id>.png`` go; default ``trainer.default_root_dir``.
     """
 
@@ -221,7 +222,7 @@ class SegmentationStudent(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         preds = self._predict(batch, "val", self.val_confmat)
         want = self.num_panels - len(self._panels)
-        if want <= 0 or self.global_rank != 0 or self.trainer.sanity_checking or not self._image_loggers():
+        if want <= 0 or self.global_rank != 0 or self.trainer.sanity_checking:
             return
         for i, (image_id, pred) in enumerate(preds[:want]):
             image = (batch["image"][i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -230,6 +231,12 @@ class SegmentationStudent(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_iou("val", self.val_confmat)
+        if self._panels and not self._image_loggers():  # no logger takes pictures: keep them on disk
+            folder = Path(self.trainer.default_root_dir) / "val_panels" / f"step{self.global_step:07d}"
+            for image_id, picture in self._panels:
+                buf = io.BytesIO()
+                Image.fromarray(picture).save(buf, format="JPEG", quality=90)
+                atomic_write_bytes(folder / f"{image_id}.jpg", buf.getvalue())
         if self._panels:
             ids, pictures = zip(*self._panels)
             for logger in self._image_loggers():

@@ -38,3 +38,14 @@ def test_config_runs_one_batch(config, synthetic_voc, tiny_openai_ckpt, tmp_path
     stages = ["predict", "validate"] if is_labeler(config) else ["fit"]
     for stage in stages:
         cli_main([stage, "-c", str(config), *tiny_overrides(config, synthetic_voc, tiny_openai_ckpt, tmp_path / stage)])
+
+
+def test_configs_stack_on_the_base(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "-c", str(EXPERIMENTS / "base.yaml"), "-c", str(EXPERIMENTS / "voc.yaml"),
+                  "--trainer.max_steps", "7", "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 7 and printed["trainer"]["val_check_interval"] == 2000
+    assert printed["model"]["class_path"].endswith("SegmentationStudent")
+    assert printed["data"]["init_args"]["labeler"]["class_path"].endswith("CLIPESLabeler")

@@ -132,3 +132,12 @@ def test_crf_masks_are_made_in_worker_processes_and_match_a_direct_call(syntheti
     # the pass labels a whole batch at once: float32 noise, not a different computation
     assert (mask == lut[winner]).mean() > 0.99
     np.testing.assert_allclose(confidence, q, atol=1e-3)
+
+
+def test_crf_without_pydensecrf_fails_at_start_with_the_install_command(tiny_openai_ckpt, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(ImportError, match=r'pip install "lightning_clipes\[crf\]"'):
+        make_labeler(tiny_openai_ckpt, crf=True)

@@ -29,6 +29,7 @@ def test_student_learns_from_ground_truth_masks(tmp_path):
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
     ])
     assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.8
+    assert len(list((tmp_path / "run" / "val_panels").rglob("*.jpg"))) == 4  # pictures without a logger
 
 
 @pytest.mark.slow
@@ -72,3 +73,18 @@ def test_config_typo_fails_before_the_labelling_pass(tmp_path, capsys):
         cli_main(["fit", "-c", SYNTHETIC, "--data.root", str(tmp_path / "VOC2012"), "--data.confidense_threshold", "0.9"])
     assert "confidense_threshold" in capsys.readouterr().err
     assert not (tmp_path / "VOC2012").exists()
+
+
+def test_wandb_goes_offline_without_a_key_and_does_not_hang(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cli_main([
+        "fit", "-c", SYNTHETIC, "--data.root", str(tmp_path / "VOC2012"), "--data.store_dir", str(tmp_path / "store"),
+        "--data.num_train", "4", "--data.num_val", "1", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+        "--trainer.logger", "WandbLogger", "--trainer.logger.save_dir", str(tmp_path / "wb"),
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+    ])
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert list((tmp_path / "wb").rglob("offline-run-*"))
