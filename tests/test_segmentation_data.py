@@ -131,7 +131,7 @@ def test_crf_masks_are_made_in_worker_processes_and_match_a_direct_call(syntheti
     lut = np.array([0, *[k + 1 for k in item["labels"]]])
     # the pass labels a whole batch at once: float32 noise, not a different computation
     assert (mask == lut[winner]).mean() > 0.99
-    np.testing.assert_allclose(confidence, q, atol=1e-3)
+    np.testing.assert_allclose(confidence, q, atol=1e-3 + 0.5 / 255)  # stored as 8-bit
 
 
 def test_crf_without_pydensecrf_fails_at_start_with_the_install_command(tiny_openai_ckpt, monkeypatch):

@@ -5,6 +5,7 @@ A vocabulary entry is the text that goes into the template. Synonyms share one s
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
@@ -74,7 +75,13 @@ def _resolve(value: Vocabulary, registry: dict[str, tuple[str, ...]], what: str)
 
 
 def create_vocabulary(value: Vocabulary) -> list[str]:
-    """Foreground prompt names: a built-in name (``voc``, ``coco``) or a list of free-text class names."""
+    """Foreground prompt names: a built-in name (``voc``, ``coco``), a class-list file (one class per
+    line, synonyms after commas, as :class:`~lightning_clipes.data.sources.FolderSource` reads it) or a
+    list of free-text class names."""
+    if isinstance(value, str) and value not in VOCABULARIES and Path(value).expanduser().is_file():
+        from lightning_clipes.data.folder_format import read_class_list
+
+        value = read_class_list(str(Path(value).expanduser()))[1]
     names = _resolve(value, VOCABULARIES, "class vocabulary")
     if not names:
         raise ValueError("The class vocabulary is empty; give at least one class name.")

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lightning_clipes.components.pseudo_mask import mask_and_confidence, scores_with_background
 from lightning_clipes.data.store import PseudoLabelStore
-from lightning_clipes.data.voc_datamodule import LabeledImages, collate_items
+from lightning_clipes.data.labeler_datamodule import LabeledImages, collate_items
 
 
 def shard_todo(dataset: LabeledImages, store: PseudoLabelStore, rank: int, world_size: int) -> list[int]:

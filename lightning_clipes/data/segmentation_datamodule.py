@@ -1,4 +1,4 @@
-"""``VOCSegmentationDataModule``: CLIP-ES pseudo-labels made inside the training job, then student data.
+"""``SegmentationDataModule``: CLIP-ES pseudo-labels made inside the training job, then student data.
 
 Before the first training step every rank labels its own shard of the train split with the frozen
 labeler on its own device, writes to a store keyed by the labeler's fingerprint, and waits for the
@@ -16,18 +16,18 @@ from torch.utils.data import DataLoader
 from lightning_clipes.data.pseudo_label_pass import fill_store
 from lightning_clipes.data.segmentation_sets import FullImages, GroundTruthReader, PseudoLabelledCrops, train_transform
 from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
-from lightning_clipes.data.synthetic import ensure_synthetic_voc
-from lightning_clipes.data.voc_datamodule import VOCDataModule
+from lightning_clipes.data.labeler_datamodule import LabelerDataModule
+from lightning_clipes.data.sources import ImageSource, SyntheticVOCSource, VOCSource
 from lightning_clipes.data.voc_format import VOC_CLASSES
 from lightning_clipes.labeler import CLIPESLabeler
 
 
-class VOCSegmentationDataModule(VOCDataModule):
-    """Student data on the VOC layout, with pseudo-labels from ``labeler``.
+class SegmentationDataModule(LabelerDataModule):
+    """Student data from any image source, with pseudo-labels from ``labeler``.
 
     Args:
-        root: the ``VOC2012`` folder.
-        split: the training split, pseudo-labelled in the job (``train_aug`` for the paper's student).
+        source: where images, image-level labels and ground truth come from.
+        split: the training split, pseudo-labelled in the job (``train_aug`` for the paper's VOC student).
         val_split: the split with ground truth for ``val/mIoU``.
         test_split: the split ``test``/``predict`` run on (default: ``val_split``).
         labeler: the frozen CLIP-ES labeler; ``None`` trains on ground-truth masks instead (an
@@ -38,12 +38,13 @@ class VOCSegmentationDataModule(VOCDataModule):
         crop_size, scale_range, hflip, color_jitter: training augmentation.
         batch_size: training crops per device; ``label_batch_size``: images per labeler call.
         num_workers: data-loading processes; ``crf_workers``: CRF processes during labelling.
+        skip_unreadable: leave out (and count) images that cannot be read instead of stopping.
     """
 
     def __init__(
         self,
-        root: str,
-        split: str = "train_aug",
+        source: ImageSource,
+        split: str = "train",
         val_split: str = "val",
         test_split: Optional[str] = None,
         labeler: Optional[CLIPESLabeler] = None,
@@ -57,10 +58,9 @@ class VOCSegmentationDataModule(VOCDataModule):
         label_batch_size: int = 8,
         num_workers: int = 4,
         crf_workers: int = 2,
-        class_names: Sequence[str] = VOC_CLASSES,
         skip_unreadable: bool = True,
     ) -> None:
-        super().__init__(root, split, class_names, batch_size, num_workers, skip_unreadable)
+        super().__init__(source, split, batch_size, num_workers, skip_unreadable)
         if not 0 <= confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
         if labeler is not None and len(labeler.class_names) != len(self.class_names):
@@ -109,10 +109,11 @@ class VOCSegmentationDataModule(VOCDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         device = trainer.strategy.root_device if trainer is not None else self.labeler.device
-        fingerprint = self.labeler.fingerprint(extra={"root": str(self.root.resolve()), "split": self.split})
+        data = {"source": describe_source(self.source), "split": self.split}
+        fingerprint = self.labeler.fingerprint(extra=data)
         store = PseudoLabelStore(self.store_dir / fingerprint, save_cams=False)
         if rank == 0:
-            store.write_meta({"labeler": self.labeler.describe(), "root": str(self.root.resolve()), "split": self.split})
+            store.write_meta({"labeler": self.labeler.describe(), **data})
         stats = fill_store(
             self.labeler, images, store, device, rank, world, self.label_batch_size,
             self.num_workers, self.crf_workers, progress=rank == 0,
@@ -142,10 +143,52 @@ class VOCSegmentationDataModule(VOCDataModule):
         return self.test_dataloader()
 
 
-class SyntheticSegmentationDataModule(VOCSegmentationDataModule):
+def describe_source(source: ImageSource) -> dict:
+    """The source's class and settings (paths resolved), for the store's fingerprint and meta.json."""
+    settings = {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in vars(source).items()
+                if not k.startswith("_") and k not in ("class_names", "prompt_names")}
+    return {"class": type(source).__name__, **{k: str(v) for k, v in settings.items()}}
+
+
+class VOCSegmentationDataModule(SegmentationDataModule):
+    """:class:`SegmentationDataModule` on the PASCAL VOC 2012 layout (``train_aug`` → ``val`` by default).
+
+    Args:
+        root: the ``VOC2012`` folder. Other arguments as :class:`SegmentationDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "train_aug",
+        val_split: str = "val",
+        test_split: Optional[str] = None,
+        labeler: Optional[CLIPESLabeler] = None,
+        store_dir: str = "outputs/pseudo_labels",
+        confidence_threshold: float = 0.95,
+        crop_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        hflip: bool = True,
+        color_jitter: float = 0.3,
+        batch_size: int = 8,
+        label_batch_size: int = 8,
+        num_workers: int = 4,
+        crf_workers: int = 2,
+        class_names: Sequence[str] = VOC_CLASSES,
+        skip_unreadable: bool = True,
+    ) -> None:
+        super().__init__(
+            VOCSource(root, class_names), split, val_split, test_split, labeler, store_dir, confidence_threshold,
+            crop_size, scale_range, hflip, color_jitter, batch_size, label_batch_size, num_workers, crf_workers,
+            skip_unreadable,
+        )
+        self.root = self.source.root
+
+
+class SyntheticSegmentationDataModule(SegmentationDataModule):
     """The embedded default for the whole job: the package's synthetic VOC-format dataset
     (``train`` → ``val``), written by ``prepare_data`` on first use. Arguments as
-    :class:`VOCSegmentationDataModule`, plus the dataset's ``num_train``, ``num_val`` and ``seed``."""
+    :class:`SegmentationDataModule`, plus the dataset's ``num_train``, ``num_val`` and ``seed``."""
 
     def __init__(
         self,
@@ -162,10 +205,8 @@ class SyntheticSegmentationDataModule(VOCSegmentationDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(
-            root, "train", "val", None, labeler, store_dir, confidence_threshold, crop_size, scale_range,
-            batch_size=batch_size, label_batch_size=8, num_workers=num_workers,
+            SyntheticVOCSource(root, num_train, num_val, seed), "train", "val", None, labeler, store_dir,
+            confidence_threshold, crop_size, scale_range, batch_size=batch_size, label_batch_size=8,
+            num_workers=num_workers,
         )
-        self.synthetic = {"num_train": num_train, "num_val": num_val, "seed": seed}
-
-    def prepare_data(self) -> None:
-        ensure_synthetic_voc(self.root, **self.synthetic)
+        self.root = self.source.root

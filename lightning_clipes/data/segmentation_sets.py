@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_clipes.components.pseudo_mask import apply_confidence_threshold
-from lightning_clipes.data.voc_datamodule import LabeledImages
+from lightning_clipes.data.labeler_datamodule import LabeledImages
 from lightning_clipes.data.voc_format import load_mask, load_rgb
 
 IGNORE_INDEX = 255

@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     cams/<image_id>.npz         keys (K,) int64, cams (K, H, W) float16  [the reference's attn_highres]
-    confidence/<image_id>.png   (H, W) 16-bit PNG, confidence * 65535
+    confidence/<image_id>.png   (H, W) 8-bit PNG, round(confidence * 255)
     masks/<image_id>.png        (H, W) uint8 class indices (argmax, not thresholded), VOC palette
 
 A file is written to a temporary name in the same folder and renamed into place, so a killed job
@@ -84,9 +84,9 @@ class PseudoLabelStore:
             buf = io.BytesIO()
             np.savez_compressed(buf, keys=np.asarray(keys, dtype=np.int64), cams=np.asarray(cams, dtype=np.float16))
             atomic_write_bytes(self.cam_path(image_id), buf.getvalue())
-        conf16 = np.rint(np.clip(np.asarray(confidence, dtype=np.float64), 0, 1) * 65535).astype(np.uint16)
+        conf8 = np.rint(np.clip(np.asarray(confidence, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(conf16).save(buf, format="PNG")
+        Image.fromarray(conf8).save(buf, format="PNG", optimize=False, compress_level=6)
         atomic_write_bytes(self.confidence_path(image_id), buf.getvalue())
         buf = io.BytesIO()
         save_mask_png(buf, np.asarray(mask, dtype=np.uint8))
@@ -97,7 +97,7 @@ class PseudoLabelStore:
         mask = load_mask(self.mask_path(image_id))
         with Image.open(self.confidence_path(image_id)) as img:
             img.load()
-            confidence = np.asarray(img, dtype=np.float32) / 65535
+            confidence = np.asarray(img, dtype=np.float32) / 255
         if confidence.shape != mask.shape:
             raise ValueError(f"Store entry {image_id}: mask {mask.shape} and confidence {confidence.shape} differ.")
         return mask, confidence

@@ -1,4 +1,4 @@
-"""VOC-layout data for the labeler: every image of a split with its image-level labels."""
+"""Data for the labeler's commands: every image of a split with its image-level labels."""
 from __future__ import annotations
 
 import warnings
@@ -8,16 +8,8 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_clipes.data.synthetic import ensure_synthetic_voc
-from lightning_clipes.data.voc_format import (
-    VOC_CLASSES,
-    ImageReadError,
-    ground_truth_path,
-    load_mask,
-    load_rgb,
-    parse_labels,
-    read_split,
-)
+from lightning_clipes.data.sources import ImageSource, SyntheticVOCSource, VOCSource
+from lightning_clipes.data.voc_format import VOC_CLASSES, ImageReadError, load_mask, load_rgb
 
 
 class LabeledImages(Dataset):
@@ -61,14 +53,12 @@ def collate_items(items: list[dict]) -> list[dict]:
     return items
 
 
-class VOCDataModule(L.LightningDataModule):
-    """PASCAL VOC 2012 layout: ``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Segmentation/<split>.txt``,
-    ground truth in ``SegmentationClassAug/`` or ``SegmentationClass/`` where present.
+class LabelerDataModule(L.LightningDataModule):
+    """Every image of one split with its image-level labels, for the labeler's ``predict``/``validate``.
 
     Args:
-        root: the ``VOC2012`` folder (the one holding ``JPEGImages/``).
-        split: the split the labeler's ``predict`` and ``validate`` run on (``train``, ``train_aug``, ``val``).
-        class_names: the dataset's foreground class names as written in the XML files, in class-index order.
+        source: where images, labels and ground truth come from (:mod:`lightning_clipes.data.sources`).
+        split: the split to label.
         batch_size: images per labeler call (same-size images share one forward/backward).
         num_workers: image decoding processes.
         skip_unreadable: skip (and count) images that are missing or cannot be decoded instead of
@@ -77,74 +67,61 @@ class VOCDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
+        source: ImageSource,
         split: str = "train",
-        class_names: Sequence[str] = VOC_CLASSES,
         batch_size: int = 8,
         num_workers: int = 4,
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
-        self.root = Path(root).expanduser()
+        self.source = source
         self.split = split
-        self.class_names = list(class_names)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.skip_unreadable = skip_unreadable
         self.dataset: Optional[LabeledImages] = None
 
     @property
+    def class_names(self) -> list[str]:
+        """Foreground class names, index = class index (masks use index + 1)."""
+        return list(self.source.class_names)
+
+    @property
     def num_classes(self) -> int:
         """Classes including background (index 0)."""
         return 1 + len(self.class_names)
 
-    def _check_root(self) -> None:
-        if not (self.root / "JPEGImages").is_dir():
-            raise FileNotFoundError(
-                f"No JPEGImages/ folder under {self.root}. Set --data.root to the VOC2012 folder "
-                "(the one holding JPEGImages/, Annotations/ and ImageSets/)."
-            )
+    def prepare_data(self) -> None:
+        self.source.prepare()
 
     def build_dataset(self, split: str) -> LabeledImages:
-        """Read the split list and every annotation; images without labels are left out with a warning."""
-        self._check_root()
-        ids, labels, images, gts, unlabeled = [], [], [], [], []
-        for image_id in read_split(self.root, split):
-            lab = parse_labels(self.root / "Annotations" / f"{image_id}.xml", self.class_names)
-            if not lab:
-                unlabeled.append(image_id)
-                continue
-            ids.append(image_id)
-            labels.append(lab)
-            images.append(self.root / "JPEGImages" / f"{image_id}.jpg")
-            gts.append(ground_truth_path(self.root, image_id))
+        """Read a split; images without labels are left out with a warning."""
+        data = self.source.read(split)
+        keep = [i for i, lab in enumerate(data.labels) if lab]
+        unlabeled = [data.ids[i] for i, lab in enumerate(data.labels) if not lab]
         if unlabeled:
             warnings.warn(
                 f"{len(unlabeled)} image(s) of split {split!r} have no labelled object and are skipped: "
                 f"{', '.join(unlabeled[:5])}{' …' if len(unlabeled) > 5 else ''}",
                 stacklevel=2,
             )
-        return LabeledImages(ids, labels, images, gts, self.skip_unreadable)
+        pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
+        return LabeledImages(pick(data.ids), pick(data.labels), pick(data.image_paths), pick(data.gt_paths),
+                             self.skip_unreadable)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is None:
             self.dataset = self.build_dataset(self.split)
         if stage in ("validate", "test") and not any(p is not None for p in self.dataset.gt_paths):
             raise FileNotFoundError(
-                f"No ground-truth masks for split {self.split!r} under {self.root}/SegmentationClass(Aug)/; "
-                "validate needs them. Use predict to only write pseudo-labels."
+                f"No ground-truth masks for split {self.split!r}; validate needs them. "
+                "Use predict to only write pseudo-labels."
             )
 
     def _loader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_items,
-            persistent_workers=False,
-        )
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_items)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
@@ -156,17 +133,35 @@ class VOCDataModule(L.LightningDataModule):
         return self._loader()
 
 
-class SyntheticVOCDataModule(VOCDataModule):
-    """The embedded default: a small synthetic dataset in VOC layout that the package writes itself.
-
-    Coloured rectangles and ellipses of a few VOC classes on smooth backgrounds, with XML labels and
-    ground-truth masks; written once to ``root`` (rewritten if incomplete) by ``prepare_data``.
+class VOCDataModule(LabelerDataModule):
+    """The labeler's data on the PASCAL VOC 2012 layout (see :class:`~lightning_clipes.data.sources.VOCSource`).
 
     Args:
-        root: where to write it.
-        num_train, num_val: images in the ``train`` and ``val`` splits.
-        seed: the dataset's random seed.
-        Other arguments as :class:`VOCDataModule`.
+        root: the ``VOC2012`` folder (the one holding ``JPEGImages/``).
+        split: ``train``, ``train_aug``, ``val``, … (``ImageSets/Segmentation/<split>.txt``).
+        class_names: the class names used in the XML files, in class-index order.
+        Other arguments as :class:`LabelerDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        class_names: Sequence[str] = VOC_CLASSES,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        skip_unreadable: bool = False,
+    ) -> None:
+        super().__init__(VOCSource(root, class_names), split, batch_size, num_workers, skip_unreadable)
+        self.root = self.source.root
+
+
+class SyntheticVOCDataModule(LabelerDataModule):
+    """The embedded default: the package's synthetic VOC-format dataset, written on first use.
+
+    Args:
+        root: where to write it. num_train, num_val: images in ``train`` and ``val``. seed: its seed.
+        Other arguments as :class:`LabelerDataModule`.
     """
 
     def __init__(
@@ -180,8 +175,5 @@ class SyntheticVOCDataModule(VOCDataModule):
         num_workers: int = 0,
         skip_unreadable: bool = False,
     ) -> None:
-        super().__init__(root, split, VOC_CLASSES, batch_size, num_workers, skip_unreadable)
-        self.synthetic = {"num_train": num_train, "num_val": num_val, "seed": seed}
-
-    def prepare_data(self) -> None:
-        ensure_synthetic_voc(self.root, **self.synthetic)
+        super().__init__(SyntheticVOCSource(root, num_train, num_val, seed), split, batch_size, num_workers, skip_unreadable)
+        self.root = self.source.root
