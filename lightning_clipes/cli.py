@@ -62,9 +62,16 @@ def cli_main(args: Optional[list[str]] = None) -> CLIPESCLI:
     )
 
 
-def main() -> None:
-    """Console-script entry point (returns None, so the exit status is 0 on success)."""
-    cli_main()
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point: ``clipes select-prompt …`` ranks prompt templates, anything else is
+    LightningCLI (fit/validate/test/predict). Returns None, so the exit status is 0 on success."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["select-prompt"]:
+        from lightning_clipes.prompt_selection import main as select_prompt
+
+        select_prompt(argv[1:])
+        return
+    cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,14 @@ def test_odd_image_modes_and_sizes_go_through_the_labeler(synthetic_voc, tiny_op
             w, h = Image.open(jpeg(i)).size
             assert f["cams"].shape[1:] == (h, w) and np.isfinite(f["cams"].astype(np.float32)).all()
     assert len(list((out / "pseudo_labels" / "preview").glob("*.jpg"))) == min(8, len(ids))
+
+
+def test_select_prompt_is_a_clipes_subcommand(synthetic_voc, tiny_openai_ckpt, tmp_path, capsys):
+    from lightning_clipes.cli import main
+
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of a {}.\na clean origami {}.\n")
+    main(["select-prompt", "-c", CONFIG, "--data.root", str(synthetic_voc), "--pretrained", str(tiny_openai_ckpt),
+          "--templates", str(templates)])
+    table = capsys.readouterr().out
+    assert "a clean origami {}." in table and "a photo of a {}." in table
