@@ -15,19 +15,35 @@ def is_labeler(config: Path) -> bool:
     return yaml.safe_load(config.read_text())["model"]["class_path"].endswith("CLIPESLabeler")
 
 
+def data_overrides(config: Path, voc: Path, tmp_path: Path) -> list[str]:
+    """Point a config's data at a tiny synthetic dataset of the same format."""
+    source = str(yaml.safe_load(config.read_text())["data"])
+    if "COCOSource" in source:
+        from lightning_clipes.data.coco_format import write_synthetic_coco
+
+        return ["--data.source.root", str(write_synthetic_coco(tmp_path / "coco", num_train=4, num_val=2))]
+    if "FolderSource" in source:
+        from lightning_clipes.data.folder_format import write_example_folder
+
+        images, labels, classes = write_example_folder(tmp_path / "folder")
+        return ["--data.source.image_dir", str(images), "--data.source.label_file", str(labels),
+                "--data.source.classes", str(classes), "--data.source.mask_dir", str(tmp_path / "folder" / "masks"),
+                "--data.labeler.init_args.class_names", str(classes), "--data.split", "train", "--data.val_split", "val"]
+    if "Synthetic" in source:
+        return ["--data.root", str(tmp_path / "synthetic" / "VOC2012")]
+    return ["--data.root", str(voc), "--data.split", "train"] + ([] if is_labeler(config) else ["--data.val_split", "val"])
+
+
 def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
-    common = ["--data.root", str(voc), "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
-              "--trainer.devices", "1", "--trainer.fast_dev_run", "1"]
+    common = ["--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
+              "--trainer.devices", "1", "--trainer.fast_dev_run", "1", *data_overrides(config, voc, out)]
     if is_labeler(config):
         return common + ["--trainer.logger", "false", "--data.num_workers", "0", "--model.pretrained", str(ckpt),
                          "--model.affinity_layers", "2"]
     common += ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(out)]  # W&B stays out of tests
-    data = yaml.safe_load(config.read_text())["data"]
-    extra = []
-    if "split" in data.get("init_args", {}):  # a real-dataset config: point it at the synthetic VOC folder
-        extra = ["--data.split", "train", "--data.val_split", "val", "--data.labeler.init_args.pretrained", str(ckpt),
-                 "--data.labeler.init_args.affinity_layers", "2"]
-    return common + extra + [
+    if "labeler" in str(yaml.safe_load(config.read_text())["data"]) and "Synthetic" not in config.read_text():
+        common += ["--data.labeler.init_args.pretrained", str(ckpt), "--data.labeler.init_args.affinity_layers", "2"]
+    return common + [
         "--data.store_dir", str(out / "store"), "--data.num_workers", "0", "--data.crop_size", "32",
         "--data.batch_size", "2", "--model.encoder_name", "resnet18", "--model.encoder_weights", "null",
     ]

@@ -44,7 +44,8 @@ class LabeledSplit:
             )
         if len(self.class_names) != len(self.prompt_names):
             raise ValueError(
-                f"{len(self.class_names)} class names but {len(self.prompt_names)} prompt names; give one prompt per class."
+                f"{len(self.class_names)} class names but {len(self.prompt_names)} prompt names; "
+                "give one prompt per class."
             )
         if len(set(self.ids)) != len(self.ids):
             dupes = sorted(i for i, n in Counter(self.ids).items() if n > 1)
