@@ -141,3 +141,15 @@ def test_crf_without_pydensecrf_fails_at_start_with_the_install_command(tiny_ope
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     with pytest.raises(ImportError, match=r'pip install "lightning_clipes\[crf\]"'):
         make_labeler(tiny_openai_ckpt, crf=True)
+
+
+def test_node_local_cache_is_filled_and_read(synthetic_voc, tiny_openai_ckpt, tmp_path):
+    dm = make_data(synthetic_voc, tmp_path, make_labeler(tiny_openai_ckpt), cache_dir=str(tmp_path / "local"))
+    dm.setup("fit")
+    local = tmp_path / "local" / dm.store.root.name
+    assert sorted(p.stem for p in (local / "masks").glob("*.png")) == sorted(dm.train_set.ids)
+    assert dm.train_set.read_mask.__self__.root == local  # training reads the node-local copy
+    (local / "masks" / f"{dm.train_set.ids[0]}.png").unlink()
+    dm2 = make_data(synthetic_voc, tmp_path, make_labeler(tiny_openai_ckpt), cache_dir=str(tmp_path / "local"))
+    dm2.setup("fit")
+    assert (local / "masks" / f"{dm.train_set.ids[0]}.png").is_file()  # refilled

@@ -33,7 +33,11 @@ class SegmentationDataModule(LabelerDataModule):
         labeler: the frozen CLIP-ES labeler; ``None`` trains on ground-truth masks instead (an
             oracle run, for plumbing checks).
         store_dir: where pseudo-label stores live; each labeler configuration (and its weights)
-            gets its own subfolder, shared by every run that uses the same labeler.
+            gets its own subfolder, shared by every run that uses the same labeler. Put it on a
+            filesystem every node sees: ranks write disjoint shards, every file atomically.
+        cache_dir: optional node-local folder (e.g. ``/tmp`` or ``$SLURM_TMPDIR``): after the
+            labelling pass one process per node copies the masks there and training reads them
+            from local disk.
         confidence_threshold: the confidence-guided loss threshold; pixels below it are ignored.
         crop_size, scale_range, hflip, color_jitter: training augmentation.
         batch_size: training crops per device; ``label_batch_size``: images per labeler call.
@@ -59,8 +63,10 @@ class SegmentationDataModule(LabelerDataModule):
         num_workers: int = 4,
         crf_workers: int = 2,
         skip_unreadable: bool = True,
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__(source, split, batch_size, num_workers, skip_unreadable)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         if not 0 <= confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
         if labeler is not None and len(labeler.class_names) != len(self.class_names):
@@ -100,7 +106,7 @@ class SegmentationDataModule(LabelerDataModule):
             missing = len(images) - len(ids)
             if missing:
                 warnings.warn(f"{missing} of {len(images)} training images have no pseudo-label and are left out.", stacklevel=2)
-            read = self.store.read
+            read = self._node_local(ids).read if self.cache_dir is not None else self.store.read
         if not ids:
             raise RuntimeError(f"No training image of split {self.split!r} has a mask; see the warnings above.")
         return PseudoLabelledCrops(images, ids, read, self.confidence_threshold, train_transform(**self.augment))
@@ -124,6 +130,16 @@ class SegmentationDataModule(LabelerDataModule):
         if trainer is not None:
             trainer.strategy.barrier("clipes_pseudo_labels")
         return store
+
+    def _node_local(self, ids: list[str]) -> PseudoLabelStore:
+        """Mirror the store to ``cache_dir`` once per node, then every process reads the local copy."""
+        local_root = self.cache_dir / self.store.root.name
+        trainer = self.trainer
+        if trainer is None or trainer.local_rank == 0:
+            self.store.mirror_to(local_root, ids)
+        if trainer is not None:
+            trainer.strategy.barrier("clipes_node_cache")
+        return PseudoLabelStore(local_root, save_cams=False)
 
     # ------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
@@ -176,11 +192,12 @@ class VOCSegmentationDataModule(SegmentationDataModule):
         crf_workers: int = 2,
         class_names: Sequence[str] = VOC_CLASSES,
         skip_unreadable: bool = True,
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__(
             VOCSource(root, class_names), split, val_split, test_split, labeler, store_dir, confidence_threshold,
             crop_size, scale_range, hflip, color_jitter, batch_size, label_batch_size, num_workers, crf_workers,
-            skip_unreadable,
+            skip_unreadable, cache_dir,
         )
         self.root = self.source.root
 

@@ -110,6 +110,17 @@ class PseudoLabelStore:
     def read_mask(self, image_id: str) -> np.ndarray:
         return load_mask(self.mask_path(image_id))
 
+    def mirror_to(self, root: PathLike, image_ids: list[str]) -> "PseudoLabelStore":
+        """Copy these images' masks and confidences to ``root`` (e.g. a node-local disk), atomically,
+        skipping files already there with the same size; returns the store at ``root``."""
+        local = PseudoLabelStore(root, save_cams=False)
+        for image_id in image_ids:
+            for src, dst in ((self.confidence_path(image_id), local.confidence_path(image_id)),
+                             (self.mask_path(image_id), local.mask_path(image_id))):  # mask last, as in write()
+                if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+                    atomic_write_bytes(dst, src.read_bytes())
+        return local
+
     def write_meta(self, meta: dict) -> None:
         """Record how the labels were made (``meta.json``), for people and for reuse checks."""
         atomic_write_bytes(self.root / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
