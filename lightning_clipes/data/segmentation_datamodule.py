@@ -170,35 +170,14 @@ class VOCSegmentationDataModule(SegmentationDataModule):
     """:class:`SegmentationDataModule` on the PASCAL VOC 2012 layout (``train_aug`` → ``val`` by default).
 
     Args:
-        root: the ``VOC2012`` folder. Other arguments as :class:`SegmentationDataModule`.
+        root: the ``VOC2012`` folder.
+        class_names: the class names used in the XML files, in class-index order.
+        Every other argument is :class:`SegmentationDataModule`'s (LightningCLI reads them through
+        ``**kwargs``).
     """
 
-    def __init__(
-        self,
-        root: str,
-        split: str = "train_aug",
-        val_split: str = "val",
-        test_split: Optional[str] = None,
-        labeler: Optional[CLIPESLabeler] = None,
-        store_dir: str = "outputs/pseudo_labels",
-        confidence_threshold: float = 0.95,
-        crop_size: int = 512,
-        scale_range: tuple[float, float] = (0.5, 1.5),
-        hflip: bool = True,
-        color_jitter: float = 0.3,
-        batch_size: int = 8,
-        label_batch_size: int = 8,
-        num_workers: int = 4,
-        crf_workers: int = 2,
-        class_names: Sequence[str] = VOC_CLASSES,
-        skip_unreadable: bool = True,
-        cache_dir: Optional[str] = None,
-    ) -> None:
-        super().__init__(
-            VOCSource(root, class_names), split, val_split, test_split, labeler, store_dir, confidence_threshold,
-            crop_size, scale_range, hflip, color_jitter, batch_size, label_batch_size, num_workers, crf_workers,
-            skip_unreadable, cache_dir,
-        )
+    def __init__(self, root: str, split: str = "train_aug", class_names: Sequence[str] = VOC_CLASSES, **kwargs) -> None:
+        super().__init__(VOCSource(root, class_names), split, **kwargs)
         self.root = self.source.root
 
 
