@@ -59,25 +59,24 @@ def test_training_items_are_augmented_crops_with_thresholded_masks(synthetic_voc
 
 
 def test_augmentation_moves_image_mask_and_confidence_together():
+    from scipy import ndimage
+
     rng = np.random.default_rng(0)
     mask = np.kron(rng.integers(0, 3, (4, 5)), np.ones((10, 10))).astype(np.uint8)  # 10-px blocks
     image = np.stack([mask * 100] * 3, axis=-1).astype(np.uint8)  # colour encodes the class
     confidence = mask.astype(np.float32) / 2
     t = train_transform(32, (0.5, 1.5), hflip=True, color_jitter=0.0)
     for seed in range(10):
-        import random
-
-        random.seed(seed)
-        np.random.seed(seed)
+        t.set_random_seed(seed)
         out = t(image=image, mask=mask, confidence=confidence)
         m, img, conf = out["mask"], out["image"], out["confidence"]
-        assert m.shape == (32, 32)
+        assert m.shape == (32, 32) and img.shape == (32, 32, 3)
         valid = m != 255
-        # interior pixels (away from interpolation edges) keep colour == class * 100 and conf == class / 2
-        agree = (np.abs(img[..., 0].astype(int) - m.astype(int) * 100) < 5)[valid]
-        assert agree.mean() > 0.8  # only block edges blur
+        # away from block edges (where the image is interpolated) the colour still says the class
+        interior = valid & (ndimage.maximum_filter(m, 3) == ndimage.minimum_filter(m, 3))
+        agree = np.abs(img[..., 0].astype(int) - m.astype(int) * 100) < 5
+        assert agree[interior].mean() > 0.95
         np.testing.assert_array_equal(conf[valid], m[valid].astype(np.float32) / 2)
-        assert (conf[~valid] == 255).all() or (~valid).sum() == 0
 
 
 def test_corrupt_store_entry_is_recomputed(synthetic_voc, tiny_openai_ckpt, tmp_path):
@@ -153,3 +152,17 @@ def test_node_local_cache_is_filled_and_read(synthetic_voc, tiny_openai_ckpt, tm
     dm2 = make_data(synthetic_voc, tmp_path, make_labeler(tiny_openai_ckpt), cache_dir=str(tmp_path / "local"))
     dm2.setup("fit")
     assert (local / "masks" / f"{dm.train_set.ids[0]}.png").is_file()  # refilled
+
+
+def test_augmentation_follows_torch_seed(synthetic_voc, tmp_path):
+    """Each DataLoader worker seeds torch differently; the crops must follow torch, not a shared generator."""
+    dm = make_data(synthetic_voc, tmp_path, None)
+    with pytest.warns(UserWarning, match="GROUND-TRUTH"):
+        dm.setup("fit")
+    torch.manual_seed(0)
+    a = dm.train_set[0]["image"]
+    torch.manual_seed(0)
+    b = dm.train_set[0]["image"]
+    torch.manual_seed(1)
+    c = dm.train_set[0]["image"]
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -74,6 +74,9 @@ class PseudoLabelledCrops(Dataset):
             raise ValueError(f"Mask of {self.ids[i]} is {mask.shape}, its image {image.shape[:2]}; delete the store entry to redo it.")
         mask = apply_confidence_threshold(mask, confidence, self.threshold, IGNORE_INDEX)
         if self.transform is not None:
+            # albumentations keeps its own generator, copied as-is into every DataLoader worker; drawing
+            # its seed from torch (seeded per worker and by seed_everything) keeps workers apart and runs repeatable
+            self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
             out = self.transform(image=image, mask=mask, confidence=confidence.astype(np.float32))
             image, mask, confidence = out["image"], out["mask"], out["confidence"]
         return {
