@@ -2,12 +2,12 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lightning_clipes.cli import cli_main
 from lightning_clipes.components.pseudo_mask import cams_to_label
@@ -35,7 +35,7 @@ def test_predict_writes_every_image_in_the_reference_format(synthetic_voc, tiny_
             keys, cams = f["keys"], f["cams"]
         labels = parse_labels(synthetic_voc / "Annotations" / f"{image_id}.xml", VOC_CLASSES)
         assert keys.dtype == np.int64 and keys.tolist() == labels
-        w, h = __import__("PIL.Image").Image.open(synthetic_voc / "JPEGImages" / f"{image_id}.jpg").size
+        w, h = Image.open(synthetic_voc / "JPEGImages" / f"{image_id}.jpg").size
         assert cams.dtype == np.float16 and cams.shape == (len(labels), h, w)
         assert 0 <= cams.min() and cams.max() <= 1
         mask = load_mask(store / "masks" / f"{image_id}.png")

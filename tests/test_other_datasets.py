@@ -8,7 +8,7 @@ from lightning_clipes.cli import cli_main
 from lightning_clipes.data.coco_format import read_coco_split, write_synthetic_coco
 from lightning_clipes.data.folder_format import write_example_folder
 from lightning_clipes.data.labeler_datamodule import LabelerDataModule
-from lightning_clipes.data.sources import COCOSource, FolderSource
+from lightning_clipes.data.sources import FolderSource
 from lightning_clipes.data.voc_format import load_mask
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
