@@ -36,7 +36,7 @@ from lightning_clipes.components.student_factory import PaddedSegmenter, create_
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.voc_format import save_mask_png
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
-from lightning_clipes.visualize import colour_mask
+from lightning_clipes.visualize import colour_mask, tile_row
 
 IGNORE_INDEX = 255
 
@@ -49,8 +49,7 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
 def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """One row, image | ground truth | prediction over the image: (H, W, 3) uint8, (H, W) uint8 twice ->
     (H, 3W + 8, 3) uint8 (void = 255 shows in the palette's cream)."""
-    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([image, gap, colour_mask(gt), gap, colour_mask(pred, image)], axis=1)
+    return tile_row([image, colour_mask(gt), colour_mask(pred, image)])
 
 
 class SegmentationStudent(L.LightningModule):

@@ -44,8 +44,13 @@ def label_panel(
     h, w = image.shape[:2]
     width = max(1, round(w * height / max(h, 1)))
     resized = [np.asarray(Image.fromarray(t).resize((width, height), Image.NEAREST)) for t in tiles]
-    gap = np.full((height, 4, 3), 255, np.uint8)
-    row = [resized[0]]
-    for t in resized[1:]:
-        row += [gap, t]
-    return Image.fromarray(np.concatenate(row, axis=1))
+    return Image.fromarray(tile_row(resized))
+
+
+def tile_row(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Same-height (H, W_i, 3) uint8 tiles side by side with white gaps of ``gap`` pixels."""
+    spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+    row = [tiles[0]]
+    for t in tiles[1:]:
+        row += [spacer, t]
+    return np.concatenate(row, axis=1)

@@ -27,8 +27,16 @@ def cams_to_label(cams: torch.Tensor, keys: torch.Tensor, power: float = 1.0) ->
     Returns:
         (H, W) int64 with 0 = background and ``1 + keys[k]`` where map k wins the argmax.
     """
-    lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(cams.device)
-    return lut[scores_with_background(cams, power).argmax(dim=0)]
+    return class_ids(scores_with_background(cams, power).argmax(dim=0), keys)
+
+
+def class_ids(winner: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Channel index over [bg, cams] -> class id: 0 stays background, channel k+1 becomes ``1 + keys[k]``.
+
+    winner: (H, W) int64 in 0…K; keys: (K,) int64. Returns (H, W) int64.
+    """
+    lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(winner.device)
+    return lut[winner]
 
 
 def mask_and_confidence(cams: torch.Tensor, keys: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +48,7 @@ def mask_and_confidence(cams: torch.Tensor, keys: torch.Tensor, power: float = 1
     scores = scores_with_background(cams, power)
     probs = scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-12)
     confidence, winner = probs.max(dim=0)
-    lut = torch.cat([keys.new_zeros(1), keys.to(torch.int64) + 1]).to(cams.device)
-    return lut[winner], confidence.float()
+    return class_ids(winner, keys), confidence.float()
 
 
 def apply_confidence_threshold(mask: np.ndarray, confidence: np.ndarray, threshold: float, ignore_index: int = 255) -> np.ndarray:

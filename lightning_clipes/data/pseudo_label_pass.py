@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from lightning_clipes.components.pseudo_mask import mask_and_confidence, scores_with_background
+from lightning_clipes.components.pseudo_mask import class_ids, mask_and_confidence, scores_with_background
 from lightning_clipes.data.store import PseudoLabelStore
 from lightning_clipes.data.labeler_datamodule import LabeledImages, collate_items
 
@@ -35,8 +35,8 @@ def shard_todo(dataset: LabeledImages, store: PseudoLabelStore, rank: int, world
 
 def _finish(store: PseudoLabelStore, image_id: str, keys: np.ndarray, cams: np.ndarray, future: Future) -> None:
     winner, confidence = future.result()
-    lut = np.concatenate([[0], keys + 1]).astype(np.uint8)
-    store.write(image_id, keys, cams, lut[winner], confidence)
+    mask = class_ids(torch.from_numpy(winner), torch.from_numpy(keys)).numpy().astype(np.uint8)
+    store.write(image_id, keys, cams, mask, confidence)
 
 
 def fill_store(
