@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_clipes.components.affinity import refine_cams, sinkhorn_affinity
+from lightning_clipes.components.affinity import refine_cams, refine_cams_batched, sinkhorn_affinity
 from lightning_clipes.components.clip_loader import LoadedCLIP
-from lightning_clipes.components.gradcam import softmax_gradcam
+from lightning_clipes.components.gradcam import softmax_gradcam, softmax_gradcam_reference_order
 from lightning_clipes.components.prompts import encode_prompts
-from lightning_clipes.components.vit_tokens import patch_size, preprocess, run_frozen_blocks
+from lightning_clipes.components.vit_tokens import Preprocessor, patch_size, run_frozen_blocks
 
 
 @dataclass
@@ -31,6 +31,23 @@ class ClassMaps:
     cams_raw: torch.Tensor
 
 
+PRECISIONS = ("32", "bf16", "16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``16`` on CUDA (the reference runs CLIP in float16 on a GPU), ``bf16`` on a CPU with
+    native bfloat16 matrix units (2.3x float32 on our CI's AVX-512 BF16 CPU), else ``32``."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}.")
+        return precision
+    if device.type == "cuda":
+        return "16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "32"
+
+
 class CLIPES(nn.Module):
     """Frozen CLIP + softmax-GradCAM + CAA.
 
@@ -42,6 +59,14 @@ class CLIPES(nn.Module):
         box_threshold: CAA box threshold (0.4 VOC, 0.7 COCO).
         affinity_layers: how many last blocks' attention make the affinity (8 in the paper).
         sinkhorn_rounds: column/row normalisation rounds (3 in the paper).
+        softmax: GradCAM of the softmax probability (CLIP-ES); ``False`` = of the raw logit (plain
+            GradCAM, the paper's ablation).
+        max_side: cap on the long side of the ViT's input (maps still come back at full size); ``None``
+            = no cap, the reference's behaviour.
+        precision: ``32``, ``bf16``, ``16`` (autocast of the ViT; GradCAM reductions and CAA stay in
+            float32) or ``auto`` (see :func:`resolve_precision`, decided on the device of each call).
+        reference_order: run GradCAM and CAA in the reference's arithmetic order (block L image by
+            image, numpy reductions, one class at a time); slower, for the parity check.
     """
 
     def __init__(
@@ -53,6 +78,10 @@ class CLIPES(nn.Module):
         box_threshold: float = 0.4,
         affinity_layers: int = 8,
         sinkhorn_rounds: int = 3,
+        softmax: bool = True,
+        max_side: Optional[int] = None,
+        precision: str = "32",
+        reference_order: bool = False,
     ) -> None:
         super().__init__()
         self.clip = clip.model
@@ -63,7 +92,13 @@ class CLIPES(nn.Module):
         depth = len(self.clip.visual.transformer.resblocks)
         if not 1 <= affinity_layers <= depth:
             raise ValueError(f"affinity_layers must be in 1…{depth} for this {depth}-block ViT, got {affinity_layers}.")
+        if max_side is not None and max_side < max(self.patch):
+            raise ValueError(f"max_side must be at least the patch size {max(self.patch)}, got {max_side}.")
+        if precision != "auto" and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}.")
         self.affinity_layers = affinity_layers
+        self.softmax, self.max_side = softmax, max_side
+        self.precision, self.reference_order = precision, reference_order
         self.register_buffer("fg_text", encode_prompts(self.clip, clip.tokenizer, self.class_names, templates), persistent=False)
         self.register_buffer("bg_text", encode_prompts(self.clip, clip.tokenizer, list(background), templates), persistent=False)
 
@@ -77,9 +112,14 @@ class CLIPES(nn.Module):
         self.clip.eval()
         return self
 
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The picklable image transform of this labeller (for DataLoader workers)."""
+        return Preprocessor(self.patch, tuple(self.mean), tuple(self.std), self.max_side)
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, H', W') float32, H' and W' multiples of the patch size."""
-        return preprocess(image, self.patch, self.mean, self.std)
+        return self.preprocessor(image)
 
     def forward(
         self, images: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], sizes: Sequence[tuple[int, int]]
@@ -90,6 +130,8 @@ class CLIPES(nn.Module):
             images: per image (3, H', W') from :meth:`preprocess`; images of the same size run together.
             labels: per image, the present class indices (0-based, order kept, at least one each).
             sizes: per image, the original (H, W) the maps are resized to.
+        Returns:
+            per image, :class:`ClassMaps` on this module's device.
         """
         for i, lab in enumerate(labels):
             if len(lab) == 0:
@@ -100,10 +142,13 @@ class CLIPES(nn.Module):
         for i, img in enumerate(images):
             groups[tuple(img.shape)].append(i)
         out: list[ClassMaps] = [None] * len(images)  # type: ignore[list-item]
+        device = self.fg_text.device
+        precision = resolve_precision(self.precision, device)
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
         # Lightning predicts under inference mode; the GradCAM backward needs ordinary tensors.
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for idx in groups.values():
-                batch = torch.stack([images[i] for i in idx]).to(self.fg_text.device, self.fg_text.dtype)
+                batch = torch.stack([images[i] for i in idx]).to(device, torch.float32, non_blocking=True)
                 maps = self._forward_same_size(batch.clone(), [labels[i] for i in idx], [sizes[i] for i in idx])
                 for i, m in zip(idx, maps):
                     out[i] = m
@@ -113,18 +158,26 @@ class CLIPES(nn.Module):
         visual = self.clip.visual
         depth = len(visual.transformer.resblocks)
         tokens, attns, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
-        fg_text, bg_text = self.fg_text.clone(), self.bg_text.clone()
-        cams, attn_last = softmax_gradcam(visual, self.clip.logit_scale, tokens, grid, fg_text, bg_text, labels)
-        attn = torch.stack([*attns, attn_last]).mean(dim=0)  # (B, N, N), mean over the last blocks
-        results, row = [], 0
-        for b, lab in enumerate(labels):
-            cam = cams[row : row + len(lab)]
-            row += len(lab)
-            refined = refine_cams(cam, sinkhorn_affinity(attn[b], self.sinkhorn_rounds), self.box_threshold)
-            both = F.interpolate(torch.cat([refined, cam])[None], size=tuple(sizes[b]), mode="bilinear", align_corners=False)[0]
-            results.append(ClassMaps(
-                keys=torch.tensor(list(lab), dtype=torch.int64),
-                cams=both[: len(lab)],
-                cams_raw=both[len(lab) :],
-            ))
+        gradcam = softmax_gradcam_reference_order if self.reference_order else softmax_gradcam
+        cams, attn_last = gradcam(visual, self.clip.logit_scale, tokens, grid, self.fg_text, self.bg_text, labels,
+                                  softmax=self.softmax)
+        with torch.autocast(images.device.type, enabled=False):  # CAA in float32
+            attn = torch.stack([*attns, attn_last]).float().mean(dim=0)  # (B, N, N), mean over the last blocks
+            affinity = sinkhorn_affinity(attn, self.sinkhorn_rounds)
+            if self.reference_order:
+                refined, row = [], 0
+                for b, lab in enumerate(labels):
+                    refined.append(refine_cams(cams[row : row + len(lab)], affinity[b], self.box_threshold))
+                    row += len(lab)
+                refined = torch.cat(refined)
+            else:
+                owner = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(lab) for lab in labels]))
+                refined = refine_cams_batched(cams, affinity, owner.to(cams.device), self.box_threshold)
+            results, row = [], 0
+            for b, lab in enumerate(labels):
+                k = len(lab)
+                both = torch.cat([refined[row : row + k], cams[row : row + k]])[None]
+                both = F.interpolate(both, size=tuple(sizes[b]), mode="bilinear", align_corners=False)[0]
+                row += k
+                results.append(ClassMaps(keys=torch.tensor(list(lab), dtype=torch.int64), cams=both[:k], cams_raw=both[k:]))
         return results

@@ -5,6 +5,7 @@ positional embedding is resized on the fly, not stored on the module (the refere
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -20,26 +21,51 @@ def patch_size(visual: nn.Module) -> tuple[int, int]:
     return (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
 
 
-def padded_size(height: int, width: int, patch: tuple[int, int]) -> tuple[int, int]:
-    """(ceil(H/ph)*ph, ceil(W/pw)*pw): the size an image is resized to before the ViT."""
-    return -(-height // patch[0]) * patch[0], -(-width // patch[1]) * patch[1]
+def padded_size(height: int, width: int, patch: tuple[int, int], max_side: Optional[int] = None) -> tuple[int, int]:
+    """The size an image is resized to before the ViT: (ceil(s·H/ph)·ph, ceil(s·W/pw)·pw).
+
+    ``s = 1`` (method §2) unless the long side exceeds ``max_side``; then ``s = max_side / max(H, W)``,
+    so a 5000×4000 photo costs what a ``max_side`` image costs (attention is quadratic in the patches).
+    """
+    scale = 1.0 if not max_side or max(height, width) <= max_side else max_side / max(height, width)
+    out_h = max(1, -(-round(height * scale) // patch[0])) * patch[0]
+    out_w = max(1, -(-round(width * scale) // patch[1])) * patch[1]
+    return out_h, out_w
 
 
 def preprocess(
-    image: np.ndarray, patch: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    image: np.ndarray,
+    patch: tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    max_side: Optional[int] = None,
 ) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H', W') float32 normalised, H' and W' multiples of the patch size.
 
     Bicubic on the PIL image, as the reference's torchvision ``Resize`` on a PIL input does
-    (PIL's kernel and its rounding to uint8 both matter for parity).
+    (PIL's kernel and its rounding to uint8 both matter for parity). ``max_side`` caps the long
+    side (see :func:`padded_size`); the maps are still returned at the image's own size.
     """
     height, width = image.shape[:2]
-    out_h, out_w = padded_size(height, width, patch)
+    out_h, out_w = padded_size(height, width, patch, max_side)
     resized = Image.fromarray(image).resize((out_w, out_h), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean_t) / std_t
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """:func:`preprocess` as a picklable callable, so DataLoader workers resize and normalise."""
+
+    patch: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_side: Optional[int] = None
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return preprocess(image, self.patch, self.mean, self.std, self.max_side)
 
 
 def resized_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
@@ -102,10 +128,11 @@ def run_frozen_blocks(
 
     Args:
         images: (B, 3, H, W) preprocessed, H and W multiples of the patch size.
-        attn_from: 0-based index of the first block whose attention is kept (for CAA).
+        attn_from: 0-based index of the first block whose attention is kept (for CAA); the blocks
+            before it take PyTorch's fused attention path, since their weights are not needed.
     Returns:
         tokens (B, 1 + N, D) after block L-1; the head-averaged patch-to-patch attention
-        (B, N, N) of blocks ``attn_from … L-2``, one tensor per block; the grid (h, w).
+        (B, N, N) float32 of blocks ``attn_from … L-2``, one tensor per block; the grid (h, w).
     """
     blocks = visual.transformer.resblocks
     ph, pw = patch_size(visual)
