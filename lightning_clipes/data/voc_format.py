@@ -202,12 +202,13 @@ def load_mask(path: PathLike) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def save_mask_png(target: Union[PathLike, BinaryIO], mask: np.ndarray) -> None:
+def save_mask_png(target: Union[PathLike, BinaryIO], mask: np.ndarray, pnginfo=None) -> None:
     """Write class indices as a palette PNG with the VOC colours (255 = ignore, shown cream).
 
     Args:
         target: a path, or a binary file object opened for writing (e.g. a temp file for an atomic write).
         mask: (H, W) integer array with values in 0..255 (uint8 preferred), H, W >= 1.
+        pnginfo: optional ``PIL.PngImagePlugin.PngInfo`` text chunks to carry (the store's entry record).
     Raises:
         ValueError: wrong shape, a non-integer dtype, or values outside 0..255.
     """
@@ -222,7 +223,7 @@ def save_mask_png(target: Union[PathLike, BinaryIO], mask: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
     img.putpalette(_PALETTE)
-    img.save(target, format="PNG")
+    img.save(target, format="PNG", pnginfo=pnginfo)
 
 
 def ground_truth_path(root: PathLike, image_id: str) -> Optional[Path]:
