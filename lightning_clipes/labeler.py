@@ -1,51 +1,70 @@
 """``CLIPESLabeler``: the frozen CLIP-ES labeler as a LightningModule.
 
-``predict`` writes pseudo-labels to a :class:`~lightning_clipes.data.store.PseudoLabelStore`
-(resumable), ``validate`` scores them against ground truth as ``pseudo/mIoU``.
+``predict`` writes pseudo-labels to a :class:`~lightning_clipes.data.store.PseudoLabelStore` (resumable,
+keyed by the settings), ``validate`` scores every stage against ground truth (``pseudo/mIoU_cam``,
+``pseudo/mIoU_caa``, ``pseudo/mIoU_crf``). Both run the one labelling function of
+:mod:`lightning_clipes.components.labelling`, as does the pass inside ``fit``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
+import time
+import uuid
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import lightning as L
 import torch
 
 from lightning_clipes.components.clip_loader import load_clip
+from lightning_clipes.components.clipes import CLIPES, resolve_precision
 from lightning_clipes.components.crf import CRFParams, require_crf
-from lightning_clipes.components.clipes import CLIPES, ClassMaps
+from lightning_clipes.components.labelling import (
+    CONFIDENCE_CRF, CONFIDENCE_NO_CRF, LabelledImage, Labeller, available_cpus,
+)
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
-from lightning_clipes.components.pseudo_mask import cams_to_label, mask_and_confidence
-from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
+from lightning_clipes.data.store import ClaimOwner, PseudoLabelStore, StoreWriter, atomic_write_bytes, image_record
+from lightning_clipes.data.store_key import digest, labeler_identity, weights_digest
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
 from lightning_clipes.visualize import label_panel
 
 
 class CLIPESLabeler(L.LightningModule):
-    """Image + image-level labels -> refined class maps and pseudo-masks, with a frozen CLIP.
+    """Image + image-level labels -> refined class maps, pseudo-masks and their confidence, with a frozen CLIP.
 
     Args:
         model_name: open_clip ViT name (architecture of tags and open_clip checkpoints).
         pretrained: open_clip pretrained tag (``openai``), path to OpenAI's ``ViT-B-16.pt`` (TorchScript
             or state dict) or to an open_clip checkpoint; ``null`` = random weights (meaningless masks).
         quick_gelu: ``null`` = automatic (QuickGELU for OpenAI-format files); see ``load_clip``.
-        class_names: ``voc``, ``coco`` or a list of prompt names in the dataset's class order.
+        class_names: ``voc``, ``coco``, a class-list file or a list of prompt names in the dataset's class order.
         background: ``voc``, ``coco``, ``none`` or a list of background words.
         templates: prompt templates; several are averaged.
         box_threshold: CAA box threshold (0.4 VOC, 0.7 COCO).
-        affinity_layers: last blocks whose attention forms the affinity.
-        bg_power: background exponent t in ``(1 - max cam)^t``.
-        output_dir: pseudo-label store; default ``<trainer.default_root_dir>/pseudo_labels``.
-        save_cams: keep the float16 cams (``cams/<id>.npz``) beside the masks.
-        preview_images: write ``preview/<id>.jpg`` (image | strongest cam | mask) for this many
-            images per process, to look at the labels without opening arrays.
-        crf: refine training masks with the dense CRF (the paper's +dCRF; needs
-            ``pip install "lightning_clipes[crf]"``); ``crf_params`` holds its settings.
+        affinity_layers: last blocks whose attention forms the affinity (8 in the paper).
+        bg_power: background exponent t in ``(1 - max cam)^t`` (the reference's CRF path uses 1).
+        gradcam: ``softmax`` (CLIP-ES) or ``plain`` (GradCAM of the raw logit, the paper's ablation).
+        crf: refine the training masks with the dense CRF and take confidence = max Q (the paper's
+            pipeline, default); ``false`` = the CAA argmax with our own confidence (the winning share of
+            [background, cams]; the paper defines none without the CRF).
+        crf_params: the CRF's settings (the paper's by default).
+        crf_workers: CRF processes for predict/validate; ``null`` = the CPUs this job has (SLURM's
+            per-task count or the affinity mask) minus the data loader's workers and one, 0 on 2 CPUs.
+        max_side: cap on the long side of CLIP's input, in pixels (maps and masks stay at full size);
+            VOC (≤ 500) and COCO (≤ 640) are never capped, a 5000×4000 photo costs a 1024 px image.
+        precision: ``auto`` (float16 autocast on CUDA like the reference's half-precision CLIP; bfloat16
+            on CPUs with native bf16; else float32), ``32``, ``bf16`` or ``16``.
+        reference_order: GradCAM and CAA in the reference's arithmetic order (slower; for the parity check).
+        output_dir: predict's store; default ``<trainer.default_root_dir>/pseudo_labels``. A folder made
+            with other settings is refused, naming the difference.
+        save_cams: keep the float16 CAA cams (``cams/<id>.npz``, the reference's ``attn_highres``).
+        preview_images: write ``preview/<id>.jpg`` (image | strongest cam | mask | ground truth) for this
+            many images per process.
+        confidence_threshold: the confidence-guided loss threshold whose coverage ``validate`` reports
+            (``pseudo/confident_fraction`` and ``pseudo/confident_accuracy``); the student's own threshold
+            is the data module's.
     """
 
     def __init__(
@@ -59,66 +78,83 @@ class CLIPESLabeler(L.LightningModule):
         box_threshold: float = 0.4,
         affinity_layers: int = 8,
         bg_power: float = 1.0,
+        gradcam: Literal["softmax", "plain"] = "softmax",
+        crf: bool = True,
+        crf_params: CRFParams = CRFParams(),
+        crf_workers: Optional[int] = None,
+        max_side: Optional[int] = 1024,
+        precision: Literal["auto", "32", "bf16", "16"] = "auto",
+        reference_order: bool = False,
         output_dir: Optional[str] = None,
         save_cams: bool = True,
         preview_images: int = 8,
-        crf: bool = False,
-        crf_params: CRFParams = CRFParams(),
+        confidence_threshold: float = 0.95,
     ) -> None:
         super().__init__()
-        # Plain attributes, not save_hyperparameters(): LightningCLI hands the *model's* hparams to
-        # every LightningModule it builds, and this one is often nested under data.labeler.
-        self.settings = {
-            "model_name": model_name, "pretrained": pretrained, "quick_gelu": quick_gelu,
-            "class_names": class_names, "background": background, "templates": list(templates),
-            "box_threshold": box_threshold, "affinity_layers": affinity_layers, "bg_power": bg_power,
-            "crf": crf, "crf_params": dataclasses.asdict(crf_params),
-        }
-        self.save_cams, self.preview_images = save_cams, preview_images
-        self._crf_params = crf_params if crf else None
         if crf:
             require_crf()  # fail at start, with the install command, not after hours of labelling
         if pretrained is None:
             warnings.warn("CLIPESLabeler has random CLIP weights (pretrained=None): its masks are meaningless.", stacklevel=2)
+        if gradcam not in ("softmax", "plain"):
+            raise ValueError(f"gradcam must be 'softmax' or 'plain', got {gradcam!r}.")
         clip = load_clip(model_name, pretrained, quick_gelu)
         self.class_names = create_vocabulary(class_names)
+        background_words = create_background(background)
+        depth = len(clip.model.visual.transformer.resblocks)
         self.clipes = CLIPES(
-            clip, self.class_names, create_background(background), check_templates(templates),
-            box_threshold=box_threshold, affinity_layers=min(affinity_layers, len(clip.model.visual.transformer.resblocks)),
+            clip, self.class_names, background_words, check_templates(templates), box_threshold=box_threshold,
+            affinity_layers=min(affinity_layers, depth), softmax=gradcam == "softmax", max_side=max_side,
+            precision=precision, reference_order=reference_order,
         )
-        self.bg_power = bg_power
-        self.output_dir = output_dir
-        self.confmat_cam = segmentation_confmat(1 + len(self.class_names))
-        self.confmat_caa = segmentation_confmat(1 + len(self.class_names))
-        self.skipped: list[str] = []
-        self.previews_written = 0
+        # Plain attributes, not save_hyperparameters(): LightningCLI hands the *model's* hparams to
+        # every LightningModule it builds, and this one is often nested under data.labeler.
+        self.settings = {
+            "model_name": model_name, "pretrained": pretrained, "quick_gelu": quick_gelu,
+            "class_names": self.class_names, "background": background_words, "templates": list(templates),
+            "box_threshold": box_threshold, "affinity_layers": min(affinity_layers, depth), "bg_power": bg_power,
+            "gradcam": gradcam, "crf": dataclasses.asdict(crf_params) if crf else None, "max_side": max_side,
+            "precision": precision, "reference_order": reference_order,
+        }
+        self.bg_power, self.crf_workers = bg_power, crf_workers
+        self._crf_params = crf_params if crf else None
+        self.output_dir, self.save_cams, self.preview_images = output_dir, save_cams, preview_images
+        self.confidence_threshold = confidence_threshold
+        self._weights_digest: Optional[str] = None
+        stages = ("cam", "caa", "crf") if crf else ("cam", "caa")
+        self.confmats = torch.nn.ModuleDict({s: segmentation_confmat(1 + len(self.class_names)) for s in stages})
+        self.register_buffer("coverage", torch.zeros(3, dtype=torch.float64), persistent=False)  # pixels, confident, right
+        self.failed: dict[str, str] = {}
+        self.previews_written = self.reused = 0
 
-    # ----------------------------------------------------------------- helpers
+    # ----------------------------------------------------------------- the labelling function
     @property
     def crf_params(self) -> Optional[CRFParams]:
         """CRF settings when the CRF is on, else None."""
         return self._crf_params
 
-    def describe(self) -> dict:
-        """Everything that changes the labels (not where they are written)."""
-        out = dict(self.settings, class_names=self.class_names)
-        if not out["crf"]:
-            out["crf_params"] = None
-        return out
+    def labeller(self, keep_stages: bool = False, keep_cams: bool = False, loader_workers: int = 0,
+                 crf_workers: Optional[int] = None) -> Labeller:
+        """The labelling function on this module's device (see :mod:`lightning_clipes.components.labelling`)."""
+        workers = self.crf_workers if crf_workers is None else crf_workers
+        if workers is None:
+            cpus = available_cpus()
+            workers = 0 if cpus <= 2 else max(1, cpus - loader_workers - 1)
+        return Labeller(self.clipes, self.bg_power, self._crf_params, workers, keep_stages, keep_cams)
 
-    def fingerprint(self, extra: Optional[dict] = None) -> str:
-        """16 hex digits over :meth:`describe` (minus the weights' path) and the CLIP weights themselves."""
-        h = hashlib.sha256()
-        desc = {k: v for k, v in self.describe().items() if k != "pretrained"}
-        h.update(json.dumps({**desc, **(extra or {})}, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.clipes.clip.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        return h.hexdigest()[:16]
+    def describe(self, device: Optional[torch.device] = None) -> dict:
+        """Everything that changes the labels (not where they are written), with ``precision`` resolved
+        for ``device`` (default: where the module is)."""
+        return dict(self.settings, precision=resolve_precision(self.settings["precision"], device or self.device))
 
-    def store(self) -> PseudoLabelStore:
-        root = self.output_dir or Path(self.trainer.default_root_dir) / "pseudo_labels"
-        return PseudoLabelStore(root, save_cams=self.save_cams)
+    def identity(self, device: Optional[torch.device] = None) -> dict:
+        """Settings, weights digest, code digest and store format: what a store is keyed by."""
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.clipes.clip.state_dict())
+        return labeler_identity(self.describe(device), self._weights_digest)
+
+    def fingerprint(self, extra: Optional[dict] = None, device: Optional[torch.device] = None) -> str:
+        """16 hex digits over :meth:`identity` and ``extra`` (the in-job store adds the data source)."""
+        return digest({**self.identity(device), **(extra or {})})
 
     def _check_data(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -129,68 +165,149 @@ class CLIPESLabeler(L.LightningModule):
                 "set --model.class_names to one prompt name per dataset class, in the same order."
             )
 
-    def label_items(self, items: list[dict]) -> list[tuple[dict, ClassMaps]]:
-        """Run CLIP-ES on the readable items of a batch; unreadable ones are counted and warned about."""
-        ok = []
-        for item in items:
-            if item["error"] is not None:
-                self.skipped.append(item["id"])
-                warnings.warn(f"Skipping {item['id']}: {item['error']}", stacklevel=2)
-            else:
-                ok.append(item)
-        if not ok:
-            return []
-        maps = self.clipes(
-            [self.clipes.preprocess(it["image"]) for it in ok],
-            [it["labels"] for it in ok],
-            [it["image"].shape[:2] for it in ok],
-        )
-        return list(zip(ok, maps))
-
     # ----------------------------------------------------------------- predict
-    def on_predict_start(self) -> None:
+    def store(self) -> PseudoLabelStore:
+        root = self.output_dir or Path(self.trainer.default_root_dir) / "pseudo_labels"
+        return PseudoLabelStore(root, save_cams=self.save_cams)
+
+    def setup(self, stage: str) -> None:
+        if stage not in ("predict", "validate"):
+            return
         self._check_data()
-        self.store().write_meta({"labeler": self.describe()})
+        dm = self.trainer.datamodule
+        dataset = getattr(dm, "dataset", None)
+        if dataset is not None:  # resizing and normalising happen in the loader's workers
+            dataset.transform = self.clipes.preprocessor
+        if stage != "predict":
+            return
+        store, identity = self.store(), self.identity()
+        check_store_identity(store, identity)
+        if dataset is not None:  # skip what is already done before any image is decoded
+            current = [i for i, path, labels in zip(dataset.ids, dataset.image_paths, dataset.labels)
+                       if _is_current(store, i, path, labels)]
+            dm.dataset = dataset.without(current)
+            self.reused = len(current)
+        if self.trainer.is_global_zero:
+            store.clean_temporary()
+            store.write_meta({"identity": identity, "key": digest(identity), "labeler": self.describe(),
+                              "confidence": self.confidence_definition, "written": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    @property
+    def confidence_definition(self) -> str:
+        """What the stored confidence is (for meta.json)."""
+        return CONFIDENCE_CRF if self._crf_params is not None else CONFIDENCE_NO_CRF
+
+    def on_predict_start(self) -> None:
+        store = self.store()
+        self._owner = ClaimOwner.here(f"predict-{uuid.uuid4().hex[:8]}")
+        self._writer = StoreWriter(store, on_written=lambda i: store.release(i, self._owner))
+        loader_workers = getattr(self.trainer.datamodule, "num_workers", 0)
+        self._labeller = self.labeller(keep_cams=self.save_cams or self.preview_images > 0, loader_workers=loader_workers)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> None:
         store = self.store()
-        todo = [it for it in batch if not store.is_done(it["id"])]
-        for item, maps in self.label_items(todo):
-            cams = maps.cams.cpu().numpy()
-            mask, confidence = mask_and_confidence(maps.cams, maps.keys, self.bg_power)
-            mask = mask.cpu().numpy().astype("uint8")
-            store.write(item["id"], maps.keys.numpy(), cams, mask, confidence.cpu().numpy())
+        todo = []
+        for item in batch:
+            if item.get("error") is None and store.claim(item["id"], self._owner):
+                todo.append(item)
+            elif item.get("error") is not None:
+                todo.append(item)  # reported by the labeller as failed
+        self._write(self._labeller(todo))
+
+    def _write(self, results: list[LabelledImage]) -> None:
+        store = self.store()
+        for done in results:
+            item = done.item
+            record = image_record(item["path"], item["labels"])
+            self._writer.write(item["id"], record, done.keys, done.mask, done.confidence, cams=done.cams)
             if self.previews_written < self.preview_images:
                 self.previews_written += 1
                 buf = io.BytesIO()
-                label_panel(item["image"], cams, mask, item["gt"]).save(buf, format="JPEG", quality=90)
+                label_panel(item["image"], done.cams, done.mask, item["gt"]).save(buf, format="JPEG", quality=90)
                 atomic_write_bytes(store.root / "preview" / f"{item['id']}.jpg", buf.getvalue())
+            elif not self.save_cams:
+                self._labeller.keep_cams = False
 
     def on_predict_end(self) -> None:
-        if self.skipped:
-            warnings.warn(f"{len(self.skipped)} unreadable image(s) were skipped: {self.skipped[:5]}", stacklevel=2)
+        try:
+            self._write(self._labeller.finish())
+            self._writer.close()
+        finally:
+            self._labeller.close()
+        store = self.store()
+        for image_id in self._labeller.failed:
+            store.release(image_id, self._owner)
+        self.failed.update(self._labeller.failed)
+        if self.failed:
+            warnings.warn(f"{len(self.failed)} image(s) could not be labelled: "
+                          + "; ".join(f"{k}: {v}" for k, v in list(self.failed.items())[:5]), stacklevel=2)
 
     # ---------------------------------------------------------------- validate
     def on_validation_start(self) -> None:
-        self._check_data()
+        loader_workers = getattr(self.trainer.datamodule, "num_workers", 0)
+        self._labeller = self.labeller(keep_stages=True, loader_workers=loader_workers)
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        for item, maps in self.label_items([it for it in batch if it["gt"] is not None or it["error"]]):
-            gt = torch.from_numpy(item["gt"]).long().to(self.device)
-            for confmat, cams in ((self.confmat_cam, maps.cams_raw), (self.confmat_caa, maps.cams)):
-                pred = cams_to_label(cams.to(self.device), maps.keys.to(self.device), self.bg_power)
-                confmat.update(pred.flatten(), gt.flatten())
+        self._score(self._labeller([it for it in batch if it["gt"] is not None or it.get("error")]))
+
+    def _score(self, results: list[LabelledImage]) -> None:
+        for done in results:
+            gt = torch.from_numpy(done.item["gt"]).long().to(self.device).flatten()
+            for stage, pred in done.stages.items():
+                self.confmats[stage].update(pred.to(self.device).flatten(), gt)
+            valid = gt != 255
+            # in float64, as the store compares: float32 would round the threshold 0.95 down to 0.94999999
+            confident = torch.from_numpy(done.confidence.astype("float64") >= self.confidence_threshold)
+            confident = confident.to(self.device).flatten() & valid
+            right = confident & (torch.from_numpy(done.mask).to(self.device).flatten().long() == gt)
+            self.coverage += torch.stack([valid.sum(), confident.sum(), right.sum()]).double()
 
     def on_validation_epoch_end(self) -> None:
+        self._score(self._labeller.finish())
+        self._labeller.close()
         data_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
         names = ["background", *(data_names or [n.split(",")[0] for n in self.class_names])]
-        for tag, confmat in (("_cam", self.confmat_cam), ("", self.confmat_caa)):
-            per_class, miou = iou_from_confmat(confmat.compute())
-            self.log(f"pseudo/mIoU{tag}", miou, sync_dist=False)
-            if not tag:  # classes absent from both ground truth and prediction have no IoU
-                for name, iou in zip(names, per_class):
+        final = "crf" if "crf" in self.confmats else "caa"
+        for stage, confmat in self.confmats.items():
+            per_class, miou = iou_from_confmat(confmat.compute())  # summed over ranks by torchmetrics
+            self.log(f"pseudo/mIoU_{stage}", miou)
+            if stage == final:
+                self.log("pseudo/mIoU", miou)
+                for name, iou in zip(names, per_class):  # classes absent from ground truth and prediction: NaN
                     if not torch.isnan(iou):
                         self.log(f"pseudo/IoU/{name}", iou)
             confmat.reset()
-        if self.skipped:
-            warnings.warn(f"{len(self.skipped)} unreadable image(s) skipped: {self.skipped[:5]}", stacklevel=2)
+        pixels, confident, right = self.trainer.strategy.reduce(self.coverage, reduce_op="sum").tolist()
+        self.log("pseudo/confident_fraction", confident / max(pixels, 1.0))
+        self.log("pseudo/confident_accuracy", right / max(confident, 1.0))
+        self.coverage.zero_()
+        self.failed.update(self._labeller.failed)
+        if self.failed:
+            warnings.warn(f"{len(self.failed)} image(s) could not be labelled: {list(self.failed)[:5]}", stacklevel=2)
+
+
+def _is_current(store: PseudoLabelStore, image_id: str, path: Path, labels) -> bool:
+    try:
+        return store.is_current(image_id, image_record(path, labels))
+    except OSError:  # missing or unreadable: labelling it reports the error
+        return False
+
+
+def check_store_identity(store: PseudoLabelStore, identity: dict) -> None:
+    """Refuse a store folder made with other settings, weights or code, naming what differs."""
+    meta = store.read_meta()
+    if meta is None or "identity" not in meta or meta["identity"] == identity:
+        if meta is not None and "identity" not in meta and (store.root / "masks").is_dir():
+            raise ValueError(f"{store.root} holds pseudo-labels of an older lightning_clipes (no identity in meta.json); "
+                             "delete the folder or choose another --model.output_dir.")
+        return
+    old, new = meta["identity"], identity
+    diffs = [f"{k}: {old['settings'].get(k)!r} there, {v!r} now" for k, v in new["settings"].items()
+             if old["settings"].get(k) != v]
+    for key, what in (("weights_sha256", "CLIP weights"), ("code", "labelling code version"), ("store_format", "store format")):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{what} differ")
+    raise ValueError(
+        f"{store.root} holds pseudo-labels made with other settings ({'; '.join(diffs)}). Choose another "
+        "--model.output_dir (or --trainer.default_root_dir), or delete that folder to relabel."
+    )

@@ -45,14 +45,23 @@ def mask_and_confidence(cams: torch.Tensor, keys: torch.Tensor, power: float = 1
     The scores [bg, cams] are divided by their sum per pixel; label = argmax, confidence = the
     winning share. Returns ((H, W) int64 class ids with 0 = background, (H, W) float32 in [0, 1]).
     """
-    scores = scores_with_background(cams, power)
-    probs = scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-12)
-    confidence, winner = probs.max(dim=0)
-    return class_ids(winner, keys), confidence.float()
+    winner, confidence = share_confidence(scores_with_background(cams, power))
+    return class_ids(winner, keys), confidence
+
+
+def share_confidence(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 + K, H, W) scores [bg, cams] -> (winner (H, W) int64 channel, confidence (H, W) float32): the
+    argmax and its share of the per-pixel sum. Our confidence without the CRF; the paper defines none."""
+    share = scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    confidence, winner = share.max(dim=0)
+    return winner, confidence.float()
 
 
 def apply_confidence_threshold(mask: np.ndarray, confidence: np.ndarray, threshold: float, ignore_index: int = 255) -> np.ndarray:
-    """Confidence-guided loss targets: pixels with confidence < threshold become ``ignore_index``."""
+    """Confidence-guided loss targets: pixels with confidence < threshold become ``ignore_index``.
+
+    Compared in the confidence's own dtype; the store hands out float64, so ``0.95`` means 0.95 exactly.
+    """
     out = np.asarray(mask).copy()
     out[np.asarray(confidence) < threshold] = ignore_index
     return out

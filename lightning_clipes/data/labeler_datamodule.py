@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -15,9 +15,10 @@ from lightning_clipes.data.voc_format import VOC_CLASSES, ImageReadError, load_m
 class LabeledImages(Dataset):
     """Images with image-level labels (and ground truth where there is some).
 
-    An item is a dict: ``id`` (str), ``image`` ((H, W, 3) uint8 RGB), ``labels`` (list of 0-based
-    class indices), ``gt`` ((H, W) uint8 or None) and ``error`` (None, or why the image could not be
-    read when ``skip_unreadable`` is set; ``image`` is then None).
+    An item is a dict: ``id`` (str), ``path`` (the image file), ``image`` ((H, W, 3) uint8 RGB),
+    ``labels`` (list of 0-based class indices), ``gt`` ((H, W) uint8 or None), ``pixels`` (the
+    labeller's input from ``transform``, made in the loader's worker, or None) and ``error`` (None, or
+    why the image could not be read when ``skip_unreadable`` is set; ``image`` is then None).
     """
 
     def __init__(
@@ -27,16 +28,19 @@ class LabeledImages(Dataset):
         image_paths: Sequence[Path],
         gt_paths: Sequence[Optional[Path]],
         skip_unreadable: bool = False,
+        transform: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         self.ids, self.labels = list(ids), [list(x) for x in labels]
-        self.image_paths, self.gt_paths = list(image_paths), list(gt_paths)
+        self.image_paths, self.gt_paths = [Path(p) for p in image_paths], list(gt_paths)
         self.skip_unreadable = skip_unreadable
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {"id": self.ids[i], "labels": self.labels[i], "image": None, "gt": None, "error": None}
+        item = {"id": self.ids[i], "path": self.image_paths[i], "labels": self.labels[i], "image": None,
+                "gt": None, "pixels": None, "error": None}
         try:
             item["image"] = load_rgb(self.image_paths[i])
             if self.gt_paths[i] is not None:
@@ -45,7 +49,20 @@ class LabeledImages(Dataset):
             if not self.skip_unreadable:
                 raise
             item["image"], item["error"] = None, str(err)
+        if item["image"] is not None and self.transform is not None:
+            item["pixels"] = self.transform(item["image"])
         return item
+
+    def subset(self, keep: Sequence[int]) -> "LabeledImages":
+        """The images at positions ``keep``, in that order."""
+        pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
+        return LabeledImages(pick(self.ids), pick(self.labels), pick(self.image_paths), pick(self.gt_paths),
+                             self.skip_unreadable, self.transform)
+
+    def without(self, ids: Sequence[str]) -> "LabeledImages":
+        """All images but ``ids``."""
+        drop = set(ids)
+        return self.subset([i for i, image_id in enumerate(self.ids) if image_id not in drop])
 
 
 def collate_items(items: list[dict]) -> list[dict]:
@@ -105,9 +122,7 @@ class LabelerDataModule(L.LightningDataModule):
                 f"{', '.join(unlabeled[:5])}{' …' if len(unlabeled) > 5 else ''}",
                 stacklevel=2,
             )
-        pick = lambda seq: [seq[i] for i in keep]  # noqa: E731
-        return LabeledImages(pick(data.ids), pick(data.labels), pick(data.image_paths), pick(data.gt_paths),
-                             self.skip_unreadable)
+        return LabeledImages(data.ids, data.labels, data.image_paths, data.gt_paths, self.skip_unreadable).subset(keep)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is None:

@@ -1,21 +1,27 @@
 """``SegmentationDataModule``: CLIP-ES pseudo-labels made inside the training job, then student data.
 
-Before the first training step every rank labels its own shard of the train split with the frozen
-labeler on its own device, writes to a store keyed by the labeler's fingerprint, and waits for the
-others at a barrier; training then reads masks and confidences from the store.
+Before the first training step, rank 0 reads the split and checks it against the store (which entries
+are current), every rank gets that same plan, and the ranks label the missing images together
+(:mod:`lightning_clipes.data.pseudo_label_pass`) into a store keyed by the labeler and the data source;
+then rank 0's list of labelled images is the training list of every rank.
 """
 from __future__ import annotations
 
 import json
+import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_clipes.data.pseudo_label_pass import fill_store
+from lightning_clipes.data.pseudo_label_pass import RequeueRequested, plan_pass, requeue_slurm_job, run_pass
 from lightning_clipes.data.segmentation_sets import FullImages, GroundTruthReader, PseudoLabelledCrops, train_transform
 from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
+from lightning_clipes.data.store_key import source_identity
 from lightning_clipes.data.labeler_datamodule import LabelerDataModule
 from lightning_clipes.data.sources import ImageSource, SyntheticVOCSource, VOCSource
 from lightning_clipes.data.voc_format import VOC_CLASSES
@@ -32,17 +38,22 @@ class SegmentationDataModule(LabelerDataModule):
         test_split: the split ``test``/``predict`` run on (default: ``val_split``).
         labeler: the frozen CLIP-ES labeler; ``None`` trains on ground-truth masks instead (an
             oracle run, for plumbing checks).
-        store_dir: where pseudo-label stores live; each labeler configuration (and its weights)
-            gets its own subfolder, shared by every run that uses the same labeler. Put it on a
-            filesystem every node sees: ranks write disjoint shards, every file atomically.
+        store_dir: where pseudo-label stores live; each labeler configuration (settings, weights, code)
+            and data source gets its own subfolder, shared by every run that uses the same ones. Put it on
+            a filesystem every node sees: ranks claim images one by one and write every file atomically.
         cache_dir: optional node-local folder (e.g. ``/tmp`` or ``$SLURM_TMPDIR``): after the
             labelling pass one process per node copies the masks there and training reads them
             from local disk.
         confidence_threshold: the confidence-guided loss threshold; pixels below it are ignored.
-        crop_size, scale_range, hflip, color_jitter: training augmentation.
+        crop_size, scale_range, hflip: training augmentation (random scale, crop, flip; method §6).
+        color_jitter: colour jitter strength; 0 = off, as in the paper (``0.3`` is a common choice).
         batch_size: training crops per device; ``label_batch_size``: images per labeler call.
-        num_workers: data-loading processes; ``crf_workers``: CRF processes during labelling.
+        num_workers: data-loading processes; ``crf_workers``: CRF processes during labelling (``null`` =
+            the CPUs of this task minus ``num_workers`` and one).
         skip_unreadable: leave out (and count) images that cannot be read instead of stopping.
+        max_failed_fraction: stop with an error, before training, when more than this share of the
+            split could not be labelled (unreadable files, images too large for the device).
+        claim_timeout: seconds after which an image claimed by another host counts as abandoned.
     """
 
     def __init__(
@@ -57,18 +68,22 @@ class SegmentationDataModule(LabelerDataModule):
         crop_size: int = 512,
         scale_range: tuple[float, float] = (0.5, 1.5),
         hflip: bool = True,
-        color_jitter: float = 0.3,
+        color_jitter: float = 0.0,
         batch_size: int = 8,
         label_batch_size: int = 8,
         num_workers: int = 4,
-        crf_workers: int = 2,
+        crf_workers: Optional[int] = None,
         skip_unreadable: bool = True,
         cache_dir: Optional[str] = None,
+        max_failed_fraction: float = 0.01,
+        claim_timeout: float = 600.0,
     ) -> None:
         super().__init__(source, split, batch_size, num_workers, skip_unreadable)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         if not 0 <= confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+        if not 0 <= max_failed_fraction <= 1:
+            raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}.")
         if labeler is not None and len(labeler.class_names) != len(self.class_names):
             raise ValueError(
                 f"The labeler has {len(labeler.class_names)} classes and the data {len(self.class_names)}; "
@@ -80,8 +95,10 @@ class SegmentationDataModule(LabelerDataModule):
         self.confidence_threshold = confidence_threshold
         self.augment = dict(crop_size=crop_size, scale_range=tuple(scale_range), hflip=hflip, color_jitter=color_jitter)
         self.label_batch_size, self.crf_workers = label_batch_size, crf_workers
+        self.max_failed_fraction, self.claim_timeout = max_failed_fraction, claim_timeout
         self.train_set: Optional[PseudoLabelledCrops] = None
         self.store: Optional[PseudoLabelStore] = None
+        self.summary: dict = {}
 
     # ------------------------------------------------------------------ stages
     def setup(self, stage: Optional[str] = None) -> None:
@@ -92,8 +109,13 @@ class SegmentationDataModule(LabelerDataModule):
         if stage in ("test", "predict") and not hasattr(self, "test_set"):
             self.test_set = FullImages(self.build_dataset(self.test_split))
 
+    def _broadcast(self, obj):
+        trainer = self.trainer
+        return trainer.strategy.broadcast(obj, src=0) if trainer is not None and trainer.world_size > 1 else obj
+
     def _train_set(self) -> PseudoLabelledCrops:
-        images = self.build_dataset(self.split)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        images = self._broadcast(self.build_dataset(self.split) if rank == 0 else None)  # one list for every rank
         if self.labeler is None:
             have_gt = [i for i, p in zip(images.ids, images.gt_paths) if p is not None]
             if not have_gt:
@@ -101,35 +123,74 @@ class SegmentationDataModule(LabelerDataModule):
             warnings.warn("data.labeler is null: the student trains on GROUND-TRUTH masks (an oracle run).", stacklevel=2)
             ids, read = have_gt, GroundTruthReader(images)
         else:
-            self.store = self._pseudo_labels(images)
-            ids = [i for i in images.ids if self.store.is_done(i)]
-            missing = len(images) - len(ids)
-            if missing:
-                warnings.warn(f"{missing} of {len(images)} training images have no pseudo-label and are left out.", stacklevel=2)
+            self.store, ids = self._pseudo_labels(images)
             read = self._node_local(ids).read if self.cache_dir is not None else self.store.read
         if not ids:
-            raise RuntimeError(f"No training image of split {self.split!r} has a mask; see the warnings above.")
+            raise RuntimeError(f"No training image of split {self.split!r} has a mask (the split has {len(images)} "
+                               "images with labels); check the split file and the images it lists.")
         return PseudoLabelledCrops(images, ids, read, self.confidence_threshold, train_transform(**self.augment))
 
-    def _pseudo_labels(self, images) -> PseudoLabelStore:
+    def _pseudo_labels(self, images) -> tuple[PseudoLabelStore, list[str]]:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         device = trainer.strategy.root_device if trainer is not None else self.labeler.device
-        data = {"source": describe_source(self.source), "split": self.split}
-        fingerprint = self.labeler.fingerprint(extra=data)
-        store = PseudoLabelStore(self.store_dir / fingerprint, save_cams=False)
         if rank == 0:
-            store.write_meta({"labeler": self.labeler.describe(), **data})
-        stats = fill_store(
-            self.labeler, images, store, device, rank, world, self.label_batch_size,
-            self.num_workers, self.crf_workers, progress=rank == 0,
-        )
-        # who labelled what, for people (and for the DDP test): one file per rank and pass
-        log = store.root / "passes" / f"rank{rank}_of{world}.json"
-        atomic_write_bytes(log, json.dumps(stats, indent=1).encode())
+            source = source_identity(self.source)
+            key = self.labeler.fingerprint(extra={"source": source}, device=device)
+            store = PseudoLabelStore(self.store_dir / key)
+            store.clean_temporary()
+            store.write_meta({"key": key, "identity": self.labeler.identity(device), "source": source,
+                              "labeler": self.labeler.describe(device), "confidence": self.labeler.confidence_definition,
+                              "written": time.strftime("%Y-%m-%d %H:%M:%S")})
+            plan = plan_pass(images, store, pass_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+            payload = (key, plan)
+        key, plan = self._broadcast(payload if rank == 0 else None)
+        store = PseudoLabelStore(self.store_dir / key)
+        env = trainer._accelerator_connector.cluster_environment if trainer is not None else None
+        requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        if rank == 0:
+            rank_zero_info(f"Pseudo-labels: {store.root} ({len(images) - len(plan.todo)} of {len(images)} images "
+                           f"reused, {len(plan.todo)} to label)")
+        try:
+            stats = run_pass(
+                self.labeler, images, plan, store, device, rank, world, self.label_batch_size, self.num_workers,
+                self.crf_workers, progress=rank == 0, claim_timeout=self.claim_timeout, requeue=requeue,
+            )
+        except RequeueRequested:
+            if rank == 0:
+                status = requeue_slurm_job()
+                print(f"SIGUSR1 during the labelling pass: finished entries are kept in {store.root}; "
+                      f"scontrol requeue exited {status}, the requeued job labels the rest.", flush=True)
+            raise SystemExit(0) from None
+        # who labelled what, for people (and for tests): one file per rank, rewritten by each pass
+        log = {"pass": plan.pass_id, "labelled": stats.labelled, "failed": stats.failed, "waited_s": round(stats.waited_s, 1)}
+        atomic_write_bytes(store.root / "passes" / f"rank{rank}_of{world}.json", json.dumps(log, indent=1).encode())
         if trainer is not None:
-            trainer.strategy.barrier("clipes_pseudo_labels")
-        return store
+            trainer.strategy.barrier("clipes_pseudo_labels")  # every rank has waited for the store already
+        verdict = self._training_list(images, plan, store) if rank == 0 else None
+        ids, error = self._broadcast(verdict)
+        if error:
+            raise RuntimeError(error)
+        self.summary = {"store": str(store.root), "images": len(images), "reused": len(images) - len(plan.todo),
+                        "labelled": len(plan.todo) - (len(images) - len(ids)), "failed": len(images) - len(ids)}
+        return store, ids
+
+    def _training_list(self, images, plan, store: PseudoLabelStore) -> tuple[list[str], Optional[str]]:
+        """Rank 0's verdict after the pass: the images with a current entry, or why training must not start."""
+        todo = set(plan.todo)
+        ok = [image_id for i, image_id in enumerate(images.ids)
+              if i not in todo or (plan.records[i] is not None and store.is_current(image_id, plan.records[i]))]
+        missing = [image_id for image_id in images.ids if image_id not in set(ok)]
+        if not missing:
+            return ok, None
+        reasons = [f"{i}: {store.failure(i, plan.pass_id) or 'no entry'}" for i in missing[:3]]
+        message = (f"{len(missing)} of {len(images)} images of split {self.split!r} have no pseudo-label "
+                   f"({'; '.join(reasons)}{' …' if len(missing) > 3 else ''}).")
+        if len(missing) > self.max_failed_fraction * len(images):
+            return ok, (f"{message} That is more than --data.max_failed_fraction={self.max_failed_fraction}: fix or "
+                        "remove those images (or raise the fraction) and run again; labelled images are kept.")
+        warnings.warn(f"{message} They are left out of training.", stacklevel=2)
+        return ok, None
 
     def _node_local(self, ids: list[str]) -> PseudoLabelStore:
         """Mirror the store to ``cache_dir`` once per node, then every process reads the local copy."""
@@ -157,13 +218,6 @@ class SegmentationDataModule(LabelerDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
-
-
-def describe_source(source: ImageSource) -> dict:
-    """The source's class and settings (paths resolved), for the store's fingerprint and meta.json."""
-    settings = {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in vars(source).items()
-                if not k.startswith("_") and k not in ("class_names", "prompt_names")}
-    return {"class": type(source).__name__, **{k: str(v) for k, v in settings.items()}}
 
 
 class VOCSegmentationDataModule(SegmentationDataModule):
@@ -203,6 +257,6 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
         super().__init__(
             SyntheticVOCSource(root, num_train, num_val, seed), "train", "val", None, labeler, store_dir,
             confidence_threshold, crop_size, scale_range, batch_size=batch_size, label_batch_size=8,
-            num_workers=num_workers,
+            num_workers=num_workers, crf_workers=0,
         )
         self.root = self.source.root
