@@ -1,10 +1,13 @@
 """``SegmentationStudent``: the segmentation network trained on CLIP-ES pseudo-masks (method §5-6).
 
-``fit`` minimises the confidence-guided loss with an iteration-based poly schedule and validates at
-full resolution (``val/mIoU``, the checkpoint monitor); ``test`` scores ``test/mIoU`` where there is
-ground truth, and ``test``/``predict`` write VOC-palette PNGs to ``<output_dir>/predictions/<id>.png``
-for the VOC evaluation server. The network and its normalisation live in
-:mod:`lightning_clipes.components.student_factory`, the loss in :mod:`lightning_clipes.components.losses`.
+``fit`` minimises the confidence-guided loss with an iteration-based poly schedule (backbone and head in
+separate parameter groups) and validates at full resolution (``val/mIoU``, the checkpoint monitor);
+``test`` scores ``test/mIoU`` where there is ground truth, and ``test``/``predict`` write VOC-palette PNGs
+to ``<output_dir>/predictions/<id>.png`` for the VOC evaluation server. Evaluation as WSSS papers report
+it: multi-scale + flip (``val_scales``, ``val_flip``) and, optionally, a dense CRF on the student's
+softmax (``test_crf``). The network, its normalisation and warm start live in
+:mod:`lightning_clipes.components.student_factory`, the parameter groups in
+:mod:`lightning_clipes.components.param_groups`, the loss in :mod:`lightning_clipes.components.losses`.
 
 Batches (from the segmentation DataModules):
 
@@ -15,6 +18,7 @@ Batches (from the segmentation DataModules):
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -28,17 +32,32 @@ import torch
 from PIL import Image
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from lightning_clipes.components.crf import CRFParams, dense_crf, require_crf
 from lightning_clipes.components.losses import confidence_guided_loss
-from lightning_clipes.components.student_factory import PaddedSegmenter, create_student, encoder_normalisation
+from lightning_clipes.components.param_groups import apply_lr_multipliers, check_group_settings, parameter_groups
+from lightning_clipes.components.student_factory import (
+    PaddedSegmenter, create_student, encoder_normalisation, load_network_weights,
+)
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.voc_format import save_mask_png
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
 from lightning_clipes.visualize import colour_mask, tile_row
 
 IGNORE_INDEX = 255
+
+# The evaluation CRF of deeplab-pytorch (kazuto1011/deeplab-pytorch, configs/voc12.yaml, block CRF:
+# ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3), the code CLIP-ES trains and
+# evaluates its student with. They are the same numbers as CLIP-ES's pseudo-label CRF (which took them
+# from there), written out here so that a change of the labeler's CRF does not change the evaluation.
+# deeplab-pytorch feeds its CRF the mean-subtracted BGR image cast to uint8 (it wraps around, as in §5 of
+# method.md); we give the real RGB image.
+STUDENT_CRF = CRFParams(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
+                        bilateral_srgb=3.0, bilateral_compat=4.0)
 
 
 def poly_factor(step: int, total_steps: int, power: float) -> float:
@@ -60,12 +79,12 @@ class SegmentationStudent(L.LightningModule):
         arch, encoder_name, encoder_weights: the network, see
             :func:`~lightning_clipes.components.student_factory.create_student` (``encoder_weights: null``
             = random init, nothing downloaded).
-        optimizer: built over the trainable parameters; in YAML
-            ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-4}}``. Default SGD lr 0.01, momentum
-            0.9, weight decay 5e-4 (the paper: SGD momentum 0.9, wd 5e-4, lr 2e-4 for its DeepLabV2).
+        optimizer: built over the parameter groups (see ``head_lr_mult``); in YAML
+            ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-4}}``, whose ``lr`` is the backbone's (base)
+            LR. Default SGD lr 0.01, momentum 0.9, weight decay 5e-4 (the paper: SGD momentum 0.9, wd 5e-4).
             jsonargparse keeps the default's init_args that the new class also takes (here
             ``weight_decay``) unless the YAML sets them, so give ``weight_decay`` when you switch.
-        poly_power: LR = base · (1 - step / max_steps) ** poly_power, stepped every optimizer step.
+        poly_power: LR = base · (1 - step / max_steps) ** poly_power for every group, stepped every optimizer step.
         val_scales, val_flip: test-time augmentation of val/test/predict (softmax averaged over the
             scales and the horizontal flip); ``[1.0]`` and ``false`` = one plain forward.
         class_names: one name per class, background first, for ``val/IoU/<name>``; default: the
@@ -73,6 +92,25 @@ class SegmentationStudent(L.LightningModule):
         num_panels: image | ground truth | prediction pictures per validation (rank 0), logged to W&B or
             TensorBoard, else written to ``<default_root_dir>/val_panels/step<N>/<id>.jpg``.
         output_dir: where ``predictions/<id>.png`` go; default ``trainer.default_root_dir``.
+        head_lr_mult: LR of the head (everything outside the network's ``encoder``) / the optimizer's LR;
+            DeepLab uses 10. Default 1 (one LR for all).
+        head_bias_lr_mult, head_bias_weight_decay: a third group for the head's biases (DeepLab v2: 20x
+            LR, weight decay 0); ``null`` = biases stay in the head group. See
+            :mod:`lightning_clipes.components.param_groups`.
+        sync_batchnorm: under DDP (world size > 1), turn the network's BatchNorm layers into SyncBatchNorm
+            before training, so that statistics are computed over the global batch. The same as
+            ``trainer.sync_batchnorm``, but a model setting, so that a config that includes its trainer
+            block from a file (``trainer: trainer_default.yaml``) can still ask for it.
+        test_crf: after the test-time augmentation, a dense CRF (``crf_params``) on each image's softmax and
+            the real RGB image, in ``validate``, ``test`` and ``predict`` runs (not in the validations
+            during ``fit``: about 1 s per VOC image on one CPU core). Needs pydensecrf2; checked here.
+        crf_params: that CRF's iterations and kernels; default :data:`STUDENT_CRF` (deeplab-pytorch's).
+        init_checkpoint: start from the network weights of a checkpoint (a SegmentationStudent ``.ckpt``
+            or a state dict of the same architecture), e.g. a student trained on COCO; loaded here, not
+            saved in the hyper-parameters (the weights are in every checkpoint of this run).
+        init_exclude: modules of the network that keep their fresh initialisation instead (e.g. ``[aspp]``
+            for DeepLabV2 or ``[segmentation_head]`` for smp models when the checkpoint has another
+            number of classes). Any other difference is an error that names the keys.
     """
 
     def __init__(
@@ -88,12 +126,25 @@ class SegmentationStudent(L.LightningModule):
         class_names: Optional[list[str]] = None,
         num_panels: int = 4,
         output_dir: Optional[str] = None,
+        head_lr_mult: float = 1.0,
+        head_bias_lr_mult: Optional[float] = None,
+        head_bias_weight_decay: Optional[float] = None,
+        sync_batchnorm: bool = False,
+        test_crf: bool = False,
+        crf_params: CRFParams = STUDENT_CRF,
+        init_checkpoint: Optional[str] = None,
+        init_exclude: list[str] = [],  # noqa: B006 (as val_scales)
     ) -> None:
         super().__init__()
         # The optimizer callable is not picklable (a lambda); the CLI's config.yaml records it instead.
+        # init_checkpoint is left out so that load_from_checkpoint does not need that file any more.
         # The settings are read from attributes, not self.hparams: under LightningCLI every LightningModule
         # built from the config receives the *model's* hparams, so self.hparams is for logs/checkpoints only.
-        self.save_hyperparameters(ignore=["optimizer"])
+        # crf_params goes in as a plain dict: checkpoints then load with torch.load(weights_only=True).
+        if isinstance(crf_params, dict):  # from such a checkpoint's hyper-parameters
+            crf_params = CRFParams(**crf_params)
+        self.save_hyperparameters(ignore=["optimizer", "init_checkpoint", "crf_params"])
+        self.hparams["crf_params"] = dataclasses.asdict(crf_params)
         if poly_power < 0:
             raise ValueError(f"poly_power must be >= 0, got {poly_power}.")
         if not val_scales or any(s <= 0 for s in val_scales):
@@ -103,9 +154,19 @@ class SegmentationStudent(L.LightningModule):
                 f"class_names lists {len(class_names)} names but num_classes is {num_classes}; give one name "
                 "per class, background first, or leave class_names null."
             )
+        if test_crf:
+            require_crf()  # fail at start, naming the install command, not after the first validation
+        check_group_settings(head_lr_mult, head_bias_lr_mult, head_bias_weight_decay)
         net = create_student(arch, encoder_name, encoder_weights, num_classes)
+        if init_checkpoint is not None:
+            load_network_weights(net, init_checkpoint, init_exclude)
+        elif init_exclude:
+            raise ValueError(f"init_exclude {init_exclude} is set without init_checkpoint; set both or neither.")
         self.model = PaddedSegmenter(net, *encoder_normalisation(encoder_name, encoder_weights))
         self.optimizer_factory = optimizer
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
+        self.head_bias_weight_decay, self.sync_batchnorm = head_bias_weight_decay, sync_batchnorm
+        self.test_crf, self.crf_params = test_crf, crf_params
         self.num_classes, self.poly_power = num_classes, poly_power
         self.val_scales, self.val_flip = list(val_scales), val_flip
         self.class_names = list(class_names) if class_names is not None else None
@@ -154,9 +215,16 @@ class SegmentationStudent(L.LightningModule):
             max_steps = int(estimated)
         return max(1, int(max_steps))
 
+    def setup(self, stage: str) -> None:
+        if self.sync_batchnorm and stage == "fit" and self.trainer.world_size > 1:
+            # before the strategy wraps the model in DDP (Lightning calls setup first); the parameters are
+            # the same objects, so frozen ones stay frozen and checkpoints keep BatchNorm's key names
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        groups = parameter_groups(self.model.net, self.head_lr_mult, self.head_bias_lr_mult, self.head_bias_weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        apply_lr_multipliers(optimizer)  # the optimizer's lr is the base; before LambdaLR records base_lrs
         schedule = partial(poly_factor, total_steps=self._total_steps(), power=self.poly_power)
         return {
             "optimizer": optimizer,
@@ -164,16 +232,28 @@ class SegmentationStudent(L.LightningModule):
         }
 
     # --------------------------------------------------------------- inference
+    def _crf_now(self) -> bool:
+        """``test_crf`` applies to validate/test/predict runs, not to the validations inside ``fit``."""
+        trainer = self._trainer
+        return self.test_crf and (trainer is None or trainer.state.fn != TrainerFn.FITTING)
+
     def _predict(
         self, batch: dict, stage: str, confmat: Optional[MulticlassConfusionMatrix] = None
     ) -> list[tuple[str, torch.Tensor]]:
-        """Full-resolution labels (H, W) int64 per image, with ``val_scales``/``val_flip``; updates ``confmat``."""
+        """Full-resolution labels (H, W) int64 per image, with ``val_scales``/``val_flip`` and the CRF when
+        asked; updates ``confmat``."""
         images, gt = self._unpack(batch, stage, need_mask=confmat is not None)
         ids = list(batch.get("id") or [f"{stage}_{i}" for i in range(images.shape[0])])
+        use_crf = self._crf_now()
         out = []
         for i in range(images.shape[0]):
             probs = self.model.predict_probabilities(images[i : i + 1], self.val_scales, self.val_flip)
-            pred = probs.argmax(1)[0]
+            if use_crf:
+                rgb = (images[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                q = dense_crf(rgb, probs[0].cpu().numpy(), self.crf_params)
+                pred = torch.from_numpy(q.argmax(0)).to(probs.device)
+            else:
+                pred = probs.argmax(1)[0]
             if confmat is not None:
                 confmat.update(pred.flatten(), gt[i].flatten().long())
             out.append((str(ids[i]), pred))

@@ -1,5 +1,6 @@
 """SegmentationStudent and its plain-torch parts: the confidence-guided loss, the poly schedule,
-padding and test-time augmentation, val/mIoU, prediction PNGs, the optimizer from YAML, checkpoints.
+padding and test-time augmentation, val/mIoU, prediction PNGs, the optimizer from YAML and its parameter
+groups, SyncBatchNorm, the evaluation CRF, checkpoints. (DeepLabV2 and warm starts: test_deeplabv2.py.)
 
 Tiny settings only: a U-Net/ResNet-18 with random weights or a registered 1x1-conv "pixelwise" net,
 32-64 px images, CPU, no logger, nothing downloaded.
@@ -24,6 +25,20 @@ from lightning_clipes.student import SegmentationStudent
 
 # A 1x1 convolution: each pixel's label depends on its own colour only, so labels are predictable.
 register_architecture("test-pixelwise", lambda encoder, weights, n: nn.Conv2d(3, n, 1))
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits it holds whatever the image: a hand-made student prediction."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.zeros(1, num_classes, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, *x.shape[-2:])
+
+
+register_architecture("test-fixed", lambda encoder, weights, n: FixedLogits(n))
 
 
 def unet(arch: str = "Unet", **kw) -> SegmentationStudent:
@@ -288,3 +303,127 @@ def test_panels_go_to_image_loggers_only(tmp_path, monkeypatch):
                       enable_model_summary=False, num_sanity_val_steps=0)
         t.validate(pixelwise(num_panels=1), eval_loader(fixed_eval_set()), verbose=False)
     assert pictures == [("val/panels/img0", (40, 3 * 48 + 8, 3), np.uint8, "HWC")]
+
+
+def test_multiscale_and_flip_evaluation_of_the_wsss_papers(tmp_path):
+    """val_scales (0.5, 0.75, 1.0) + flip: the mean of six softmaxes, each from a resized (and flipped) image."""
+    item = fixed_eval_set()[0]  # 40 x 48
+    model = unet(val_scales=[0.5, 0.75, 1.0], val_flip=True)
+    x = item["image"][None]
+    with torch.no_grad():
+        literal = torch.zeros(1, 3, 40, 48)
+        for size in [(20, 24), (30, 36), (40, 48)]:  # round(0.5 * 40) = 20, round(0.75 * 48) = 36, …
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if size != (40, 48) else x
+            for flipped in (False, True):
+                logits = model(xs.flip(-1)).flip(-1) if flipped else model(xs)
+                literal += F.interpolate(logits, size=(40, 48), mode="bilinear", align_corners=False).softmax(1) / 6
+        torch.testing.assert_close(model.model.predict_probabilities(x, [0.5, 0.75, 1.0], True), literal)
+    t = trainer(tmp_path)
+    t.validate(model, eval_loader([item]), verbose=False)
+    expected = numpy_miou([literal[0].argmax(0).numpy()], [item["mask"].numpy()], 3)[1]
+    assert t.callback_metrics["val/mIoU"].item() == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------ parameter groups / SyncBN
+def test_deeplabv3plus_head_at_ten_times_the_lr_from_voc_yaml(tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    block = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "voc.yaml").read_text())["model"]
+    parser = ArgumentParser()
+    parser.add_class_arguments(SegmentationStudent, "model")
+    args = {**block["init_args"], "encoder_name": "resnet18", "encoder_weights": None, "num_classes": 3}
+    model = parser.instantiate(parser.parse_object({"model": args})).model
+    model.trainer = trainer(tmp_path, max_steps=10)
+    out = model.configure_optimizers()
+    opt, scheduler = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["backbone", "head"]
+    assert groups["backbone"]["lr"] == pytest.approx(0.01) and groups["head"]["lr"] == pytest.approx(0.1)
+    assert groups["backbone"]["weight_decay"] == groups["head"]["weight_decay"] == 5e-4
+    net = model.model.net
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in net.encoder.parameters()}
+    head = [*net.decoder.parameters(), *net.segmentation_head.parameters()]
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in head}
+    for _ in range(5):
+        opt.step()
+        scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01 * 0.5 ** 0.9, 0.1 * 0.5 ** 0.9])
+
+
+def test_group_settings_are_checked_at_construction():
+    with pytest.raises(ValueError, match="head_bias_lr_mult"):
+        pixelwise(head_bias_weight_decay=0.0)
+    with pytest.raises(ValueError, match="head_lr_mult must be > 0"):
+        pixelwise(head_lr_mult=0.0)
+
+
+def test_sync_batchnorm_only_under_ddp(tmp_path):
+    model = unet("DeepLabV3Plus", sync_batchnorm=True)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    params = {id(p) for p in model.parameters()}
+    model.trainer = trainer(tmp_path)  # one process: nothing to synchronise
+    model.setup("fit")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    model.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, default_root_dir=tmp_path)  # not launched: world size 2
+    model.setup("fit")
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == n_bn
+    assert {id(p) for p in model.parameters()} == params  # same parameters, so the optimizer sees them
+    assert all(k.startswith("model.") for k in model.state_dict())
+
+
+# ------------------------------------------------------------------------------ evaluation CRF
+def two_colour_case() -> tuple[dict, torch.Tensor]:
+    """A 32 x 64 image, red left half (class 1) and blue right half (class 2), and a student's softmax that is
+    wrong near the edge (its boundary 5 px too far right, as a coarse stride-8 map) and at 10% salt pixels."""
+    image = torch.zeros(3, 32, 64)
+    image[:, :, :32] = torch.tensor([200, 40, 40]).view(3, 1, 1) / 255
+    image[:, :, 32:] = torch.tensor([40, 40, 200]).view(3, 1, 1) / 255
+    gt = torch.ones(32, 64, dtype=torch.long)
+    gt[:, 32:] = 2
+    left = torch.sigmoid((37 - torch.arange(64.0)) / 2).expand(32, 64)  # P(class 1) along x, 0.5 at x = 37
+    probs = torch.stack([torch.full((32, 64), 0.1), 0.9 * left, 0.9 * (1 - left)])
+    salt = torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) < 0.1
+    ys, xs = salt.nonzero(as_tuple=True)
+    probs[:, ys, xs] = 0.1
+    probs[3 - gt[ys, xs], ys, xs] = 0.6  # the other colour's class
+    probs[gt[ys, xs], ys, xs] = 0.3
+    return {"id": "edge", "image": image, "mask": gt}, probs
+
+
+def test_test_crf_cleans_a_noisy_prediction_along_the_colour_edge(tmp_path):
+    item, probs = two_colour_case()
+    raw_errors = int((probs.argmax(0) != item["mask"]).sum())
+    assert raw_errors > 5 * 32  # the shifted edge alone costs 5 columns
+    metrics = {}
+    for crf in (False, True):
+        model = SegmentationStudent(num_classes=3, arch="test-fixed", encoder_weights=None, test_crf=crf,
+                                    output_dir=str(tmp_path / f"crf{crf}"))
+        model.model.net.logits = probs.log()[None]
+        t = trainer(tmp_path)
+        t.validate(model, eval_loader([item]), verbose=False)
+        metrics[crf] = t.callback_metrics["val/mIoU"].item()
+        t.test(model, eval_loader([item]), verbose=False)
+        png = np.asarray(Image.open(tmp_path / f"crf{crf}" / "predictions" / "edge.png"))
+        np.testing.assert_array_equal(png, (item["mask"] if crf else probs.argmax(0)).numpy())
+    assert metrics[True] == pytest.approx(1.0)  # every pixel right: classes 1 and 2, IoU 1 each
+    raw_miou = numpy_miou([probs.argmax(0).numpy()], [item["mask"].numpy()], 3)[1]
+    assert metrics[False] == pytest.approx(raw_miou, abs=1e-6) and raw_miou < 0.8
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    model.trainer = t
+    t.state.fn = TrainerFn.FITTING  # the validations inside fit stay without the CRF
+    assert not model._crf_now()
+
+
+def test_test_crf_without_the_package_fails_at_construction(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # import pydensecrf -> ImportError
+    with pytest.raises(ImportError, match="pip install"):
+        pixelwise(test_crf=True)
+    pixelwise(test_crf=False)  # nothing needed without the CRF

@@ -2,10 +2,12 @@
 the encoder's input normalisation, and a wrapper that takes [0, 1] images of any size.
 
     net = create_student("DeepLabV3Plus", "resnet101", "imagenet", num_classes=21)
+    load_network_weights(net, "coco_student.ckpt", exclude=["segmentation_head"])  # optional warm start
     student = PaddedSegmenter(net, *encoder_normalisation("resnet101"))
     logits = student(images)                   # (B, 21, H, W) for images (B, 3, H, W) in [0, 1]
     probs = student.predict_probabilities(images, scales=(0.5, 1.0, 1.5), flip=True)
 
+Architectures: smp's, plus ``DeepLabV2`` (the paper's student, :mod:`~lightning_clipes.components.deeplabv2`).
 Nothing here downloads anything except ``create_student`` with ``encoder_weights`` set (smp fetches
 the ImageNet weights from the Hugging Face hub on first use and caches them).
 """
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Callable, Optional, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_clipes.components.deeplabv2 import DeepLabV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,11 +68,11 @@ def create_student(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (background included), got {num_classes}.")
     key = arch.lower()
-    if key in _CUSTOM_ARCHITECTURES:
-        return _CUSTOM_ARCHITECTURES[key](encoder_name, encoder_weights, num_classes)
-    if key not in smp.MODEL_ARCHITECTURES_MAPPING:
+    if key not in _CUSTOM_ARCHITECTURES and key not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise ValueError(f"Unknown student architecture {arch!r}; valid names: {available_architectures()}.")
     try:
+        if key in _CUSTOM_ARCHITECTURES:
+            return _CUSTOM_ARCHITECTURES[key](encoder_name, encoder_weights, num_classes)
         return smp.create_model(key, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes)
     except KeyError as err:  # smp's unknown encoder / unknown weights tag
         raise ValueError(f"{err.args[0]} (set --model.encoder_name / --model.encoder_weights).") from None
@@ -77,6 +82,9 @@ def create_student(
             "internet once so that smp caches them (~/.cache/huggingface), or set --model.encoder_weights null "
             "to start from random weights."
         ) from err
+
+
+register_architecture("DeepLabV2", lambda encoder, weights, n: DeepLabV2(encoder, weights, n))
 
 
 def encoder_normalisation(
@@ -121,7 +129,9 @@ class PaddedSegmenter(nn.Module):
         mean, std: per-channel statistics of the encoder for [0, 1] RGB (persistent buffers, so a
             checkpoint carries them).
         multiple: pad H and W up to a multiple of this (32 for smp encoders; more if the encoder's
-            output stride needs it).
+            output stride needs it). A ``net`` with an ``input_multiple`` attribute (``DeepLabV2``: 8)
+            sets it instead: dilated networks take any size, and padding to their stride only aligns
+            the upsampled logits.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -130,8 +140,12 @@ class PaddedSegmenter(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        own = getattr(net, "input_multiple", None)
         stride = getattr(getattr(net, "encoder", None), "output_stride", multiple)
-        self.multiple = math.lcm(int(multiple), int(stride)) if isinstance(stride, int) and stride > 0 else multiple
+        if isinstance(own, int) and own > 0:
+            self.multiple = own
+        else:
+            self.multiple = math.lcm(int(multiple), int(stride)) if isinstance(stride, int) and stride > 0 else multiple
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, C, H, W) float32 logits, for any H, W >= 1."""
@@ -176,3 +190,95 @@ class PaddedSegmenter(nn.Module):
                 probs = logits.float().softmax(1)
                 total = probs if total is None else total + probs
         return total / (len(scales) * (2 if flip else 1))
+
+
+# ------------------------------------------------------------------------------------ warm start
+def _network_state_dict(checkpoint: object, path: str) -> dict[str, torch.Tensor]:
+    """The network's tensors from a SegmentationStudent checkpoint (keys ``model.net.*``), a
+    ``PaddedSegmenter`` state dict (``net.*``) or a bare network state dict; the normalisation buffers
+    (``mean``/``std``) are not network weights and are dropped."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(
+            f"init_checkpoint {path} holds neither a Lightning checkpoint nor a state dict of tensors; give a "
+            "SegmentationStudent checkpoint (.ckpt) or torch.save(network.state_dict())."
+        )
+    for prefix in ("model.net.", "net.", "module."):
+        if checkpoint and all(k.startswith(prefix) or k in ("model.mean", "model.std", "mean", "std") for k in checkpoint):
+            checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in checkpoint.items() if k not in ("mean", "std")}
+
+
+def _first(names: Sequence[str], n: int = 4) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", … ({len(names) - n} more)" if len(names) > n else "")
+
+
+def load_network_weights(net: nn.Module, path: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Copy the weights of a checkpoint into ``net`` (a warm start), except the modules in ``exclude``.
+
+    Every key of ``net`` outside ``exclude`` must be in the checkpoint with the same shape, and the
+    checkpoint may hold nothing else outside ``exclude``; otherwise nothing is loaded and the error
+    names the missing, unexpected and mis-shaped keys (the first few of each, with counts).
+
+    Args:
+        net: the freshly built network (``create_student``'s output).
+        path: a SegmentationStudent checkpoint, a ``PaddedSegmenter`` state dict or a bare state dict of
+            the same architecture. Loaded with ``weights_only=False`` (Lightning checkpoints hold
+            hyper-parameter objects): use checkpoints you trust.
+        exclude: module names of ``net`` (``aspp`` in DeepLabV2, ``segmentation_head`` in smp models) whose
+            parameters and buffers keep their fresh initialisation, e.g. a classifier trained for another
+            number of classes; the checkpoint's keys under those names are ignored.
+    Returns:
+        the keys that were loaded.
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an ``exclude`` name that is no module of ``net``, or a checkpoint that does not fit.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"init_checkpoint {path} does not exist; give the path of a student checkpoint (e.g. a run's "
+            "checkpoints/last.ckpt) or set --model.init_checkpoint null."
+        )
+    source = _network_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+    target = net.state_dict()
+    modules = {name for name, _ in net.named_modules() if name}
+    unknown = [e for e in exclude if e not in modules]
+    if unknown:
+        top = sorted(name for name, _ in net.named_children())
+        raise ValueError(f"init_exclude names {unknown}, which are no modules of the network; its top-level modules: {top}.")
+
+    def excluded(key: str) -> bool:
+        return any(key == e or key.startswith(e + ".") for e in exclude)
+
+    source = {k: v for k, v in source.items() if not excluded(k)}
+    wanted = {k: v for k, v in target.items() if not excluded(k)}
+    missing = [k for k in wanted if k not in source]
+    unexpected = [k for k in source if k not in wanted]
+    reshaped = [k for k in wanted if k in source and source[k].shape != wanted[k].shape]
+    if missing or unexpected or reshaped:
+        lines = [f"init_checkpoint {path} does not fit this network (nothing was loaded):"]
+        if missing:
+            lines.append(f"  {len(missing)} keys missing from the checkpoint: {_first(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys in the checkpoint: {_first(unexpected)}")
+        if reshaped:
+            shapes = [f"{k} {tuple(source[k].shape)} vs {tuple(wanted[k].shape)}" for k in sorted(reshaped)[:3]]
+            more = f", … ({len(reshaped) - 3} more)" if len(reshaped) > 3 else ""
+            lines.append(f"  {len(reshaped)} keys of another shape (checkpoint vs network): {'; '.join(shapes)}{more}")
+        culprits = sorted({k.split(".")[0] for k in missing + unexpected + reshaped})
+        if "encoder" in culprits or not culprits:
+            lines.append("  The encoder differs: check that --model.arch and --model.encoder_name are those the "
+                         "checkpoint was trained with.")
+        else:
+            names = ", ".join(culprits)
+            lines.append(
+                f"  The differing keys are under [{names}]. If that is the classifier trained for another number "
+                f"of classes, keep it freshly initialised with --model.init_exclude '[{names}]'; otherwise check "
+                "that --model.arch is the checkpoint's."
+            )
+        raise ValueError("\n".join(lines))
+    net.load_state_dict(source, strict=False)  # strict=False only for the excluded keys, checked above
+    return sorted(source)
