@@ -34,7 +34,8 @@ def label(cams: np.ndarray) -> np.ndarray:
     return np.concatenate([1 - cams.max(0, keepdims=True), cams]).argmax(0)
 
 
-def compare(reference_out: Path, voc: Path, ids: list[str], weights: Path, reference_order: bool, device: str) -> dict:
+def compare(reference_out: Path, voc: Path, ids: list[str], weights: Path, reference_order: bool, device: str,
+            verbose: bool = False) -> dict:
     clipes = CLIPES(load_clip("ViT-B-16", str(weights)), VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE],
                     precision="32", reference_order=reference_order).to(device)
     diffs, worst, agree = [], 0.0, []
@@ -51,6 +52,9 @@ def compare(reference_out: Path, voc: Path, ids: list[str], weights: Path, refer
         diffs.append(float(delta.mean()))
         worst = max(worst, float(delta.max()))
         agree.append(float((label(ours) == label(ref[1])).mean()))
+        if verbose:
+            print(f"  {image_id} {image.shape[1]}x{image.shape[0]} labels {labels}: mean |d| {diffs[-1]:.5f}, "
+                  f"max {float(delta.max()):.4f}, agreement {100 * agree[-1]:.2f} %")
     return {"images": len(diffs), "mean": float(np.mean(diffs)), "worst_mean": float(np.max(diffs)),
             "worst_pixel": worst, "worst_agreement": float(np.min(agree)), "mean_agreement": float(np.mean(agree))}
 
@@ -61,23 +65,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=len(SIZES))
     parser.add_argument("--weights", type=Path, help="OpenAI-format weights (default: two random sets)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--keep", type=Path, help="write the images, weights and reference outputs here and reuse them")
+    parser.add_argument("--verbose", action="store_true", help="one line per image")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
         sizes = [SIZES[i % len(SIZES)] for i in range(args.images)]
         voc, ids = write_images(tmp / "VOC2012", sizes, seed=1)
         weight_sets = [("given", args.weights)] if args.weights else [
-            ("random", write_random_openai_weights(tmp / "random.pt", seed=0)),
-            ("random, perturbed biases/LN", write_random_openai_weights(tmp / "perturbed.pt", seed=1, perturb=0.05)),
-        ]
+            ("random", tmp / "random.pt"), ("random, perturbed biases/LN", tmp / "perturbed.pt")]
+        if not args.weights:
+            for (_, path), seed in zip(weight_sets, (0, 1)):
+                if not path.is_file():
+                    write_random_openai_weights(path, seed=seed, perturb=0.05 * seed)
         print(f"Parity with the reference on {len(ids)} images ({min(sizes)} … {max(sizes)}), float32, {args.device}\n")
         print("| weights | ours | images | mean abs diff | worst image mean | worst pixel | label agreement (worst / mean) |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, weights in weight_sets:
             out = tmp / f"reference-{name[:6]}"
-            seconds = run_reference(args.reference, voc, ids, weights, out)
+            done = out.is_dir() and all((out / f"{i}.npy").is_file() for i in ids)
+            seconds = 0.0 if done else run_reference(args.reference, voc, ids, weights, out)
             for reference_order in (True, False):
-                r = compare(out, voc, ids, weights, reference_order, args.device)
+                r = compare(out, voc, ids, weights, reference_order, args.device, args.verbose)
                 schedule = "reference order" if reference_order else "batched (default)"
                 print(f"| {name} | {schedule} | {r['images']} | {r['mean']:.5f} | {r['worst_mean']:.5f} | "
                       f"{r['worst_pixel']:.4f} | {100 * r['worst_agreement']:.2f} % / {100 * r['mean_agreement']:.2f} % |",

@@ -46,7 +46,8 @@ def test_ddp_on_two_cpu_processes_splits_the_labelling_and_trains(tmp_path):
     subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=900)
     ids = read_split(tmp_path / "VOC2012", "train")
     (store,) = [p for p in (tmp_path / "store").iterdir() if p.is_dir()]
-    ranks = [json.loads((store / "passes" / f"rank{r}_of2.json").read_text())["labelled"] for r in range(2)]
+    (done,) = [p for p in (store / "passes").iterdir() if p.is_dir()]  # one pass, one log per rank
+    ranks = [json.loads((done / f"rank{r}_of2.json").read_text())["labelled"] for r in range(2)]
     assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(ids)
     assert sorted(p.stem for p in (store / "masks").glob("*.png")) == sorted(ids)

@@ -1,10 +1,10 @@
 """Optional dense CRF over the [background, cams] scores (method §5, the paper's "+dCRF").
 
 Wraps Krähenbühl's fully-connected CRF through ``pydensecrf2`` (import name ``pydensecrf``;
-the original ``pydensecrf`` does not build on Python 3.11). The package is an extra
-(``pip install "lightning_clipes[crf]"``) and is imported only inside the functions, so this
-module imports without it; call :func:`require_crf` when a run is configured so that a missing
-package fails at start, not after the first batch.
+the original ``pydensecrf`` does not build on Python 3.11). The package is a dependency
+of lightning_clipes (the paper's pipeline needs it) but builds from source, so it is imported only
+inside the functions and this module imports without it; call :func:`require_crf` when a run is
+configured so that a missing package fails at start, not after the first batch.
 
 Conventions of pydensecrf that the parameters below assume (read from its C++ source):
 
@@ -30,9 +30,10 @@ SCORE_EPS = 1e-5
 
 _MISSING_MESSAGE = (
     "The dense CRF needs the package pydensecrf2 (import name `pydensecrf`), which could not be "
-    'imported. Install it with: pip install "lightning_clipes[crf]" (or: pip install pydensecrf2; '
-    "it builds from source in under a minute and needs a C++ compiler). The original `pydensecrf` "
-    "package does not build on Python 3.11."
+    "imported. Install it with: pip install pydensecrf2 (it builds from source in under a minute and "
+    "needs a C++ compiler: conda install -c conda-forge cxx-compiler, or `module load gcc` on a cluster). "
+    "The original `pydensecrf` package does not build on Python 3.11. To run without the CRF, set "
+    "crf: false (--model.crf false, or --data.labeler.init_args.crf false in fit)."
 )
 
 

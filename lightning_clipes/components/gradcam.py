@@ -124,25 +124,25 @@ def softmax_gradcam_reference_order(
     labels: Sequence[Sequence[int]],
     softmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`softmax_gradcam` in the reference's arithmetic order (block L per image, numpy
-    reductions). Same arguments and returns; for the parity check, not for speed."""
+    """:func:`softmax_gradcam` in the reference's arithmetic order: per image and per class, block L
+    forward and one backward (as pytorch-grad-cam runs it), reductions in numpy. Same arguments and
+    returns; for the parity check, not for speed."""
     block = visual.transformer.resblocks[-1]
     cams, attns = [], []
     for b, lab in enumerate(labels):
-        with torch.enable_grad():
-            x = tokens[b : b + 1].detach()
-            z = block.ln_1(x).detach().requires_grad_(True)
-            out, attn = block_forward(block, x, need_attn=True, z=z)
-            pooled = visual.ln_post(out)[:, 1:].mean(dim=1)
-            feats = F.normalize(pooled @ visual.proj, dim=-1)
-            # the image's own text set: [its present classes …, all background words]
-            text = F.normalize(torch.cat([fg_text[list(lab)], bg_text], dim=0), dim=-1)
-            logits = logit_scale.exp() * feats @ text.T
-            scores = (logits.softmax(dim=-1) if softmax else logits)[0, : len(lab)]
-            one_hot = torch.eye(len(lab), dtype=scores.dtype, device=scores.device)
-            (grad,) = torch.autograd.grad(scores, z, grad_outputs=one_hot, is_grads_batched=True)
+        # the image's own text set: [its present classes …, all background words]
+        text = F.normalize(torch.cat([fg_text[list(lab)], bg_text], dim=0), dim=-1)
         for k in range(len(lab)):
-            cams.append(torch.from_numpy(grad_cam_map(z[0, 1:].detach(), grad[k, 0, 1:], grid)))
+            with torch.enable_grad():
+                x = tokens[b : b + 1].detach()
+                z = block.ln_1(x).detach().requires_grad_(True)
+                out, attn = block_forward(block, x, need_attn=True, z=z)
+                pooled = visual.ln_post(out)[:, 1:].mean(dim=1)
+                feats = F.normalize(pooled @ visual.proj, dim=-1)
+                logits = logit_scale.exp() * feats @ text.T
+                score = (logits.softmax(dim=-1) if softmax else logits)[0, k]
+                (grad,) = torch.autograd.grad(score, z)
+            cams.append(torch.from_numpy(grad_cam_map(z[0, 1:].detach(), grad[0, 1:], grid)))
         attns.append(attn.detach()[0, 1:, 1:].float())
     cams = torch.stack(cams).to(tokens.device)
     return min_max_normalise(min_max_normalise(cams)), torch.stack(attns)

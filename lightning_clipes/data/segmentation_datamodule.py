@@ -162,9 +162,10 @@ class SegmentationDataModule(LabelerDataModule):
                 print(f"SIGUSR1 during the labelling pass: finished entries are kept in {store.root}; "
                       f"scontrol requeue exited {status}, the requeued job labels the rest.", flush=True)
             raise SystemExit(0) from None
-        # who labelled what, for people (and for tests): one file per rank, rewritten by each pass
+        # who labelled what, for people (and for tests): one folder per pass, one file per rank
         log = {"pass": plan.pass_id, "labelled": stats.labelled, "failed": stats.failed, "waited_s": round(stats.waited_s, 1)}
-        atomic_write_bytes(store.root / "passes" / f"rank{rank}_of{world}.json", json.dumps(log, indent=1).encode())
+        atomic_write_bytes(store.root / "passes" / plan.pass_id / f"rank{rank}_of{world}.json",
+                           json.dumps(log, indent=1).encode())
         if trainer is not None:
             trainer.strategy.barrier("clipes_pseudo_labels")  # every rank has waited for the store already
         verdict = self._training_list(images, plan, store) if rank == 0 else None
@@ -237,26 +238,29 @@ class VOCSegmentationDataModule(SegmentationDataModule):
 
 class SyntheticSegmentationDataModule(SegmentationDataModule):
     """The embedded default for the whole job: the package's synthetic VOC-format dataset
-    (``train`` → ``val``), written by ``prepare_data`` on first use. Arguments as
-    :class:`SegmentationDataModule`, plus the dataset's ``num_train``, ``num_val`` and ``seed``."""
+    (``train`` → ``val``), written by ``prepare_data`` on first use.
+
+    Args:
+        root: where the dataset is written. num_train, num_val, seed: its size and seed.
+        Every other argument is :class:`SegmentationDataModule`'s (through ``**kwargs``), with CPU-sized
+        defaults: crops of 64, scales 0.75-1.25, no loader workers, the CRF in this process.
+    """
 
     def __init__(
         self,
         root: str = "outputs/synthetic/VOC2012",
-        labeler: Optional[CLIPESLabeler] = None,
-        store_dir: str = "outputs/synthetic/pseudo_labels",
         num_train: int = 32,
         num_val: int = 8,
         seed: int = 0,
-        confidence_threshold: float = 0.95,
+        store_dir: str = "outputs/synthetic/pseudo_labels",
         crop_size: int = 64,
         scale_range: tuple[float, float] = (0.75, 1.25),
-        batch_size: int = 8,
         num_workers: int = 0,
+        crf_workers: Optional[int] = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            SyntheticVOCSource(root, num_train, num_val, seed), "train", "val", None, labeler, store_dir,
-            confidence_threshold, crop_size, scale_range, batch_size=batch_size, label_batch_size=8,
-            num_workers=num_workers, crf_workers=0,
-        )
+        kwargs.setdefault("split", "train")
+        kwargs.setdefault("val_split", "val")
+        super().__init__(SyntheticVOCSource(root, num_train, num_val, seed), store_dir=store_dir, crop_size=crop_size,
+                         scale_range=scale_range, num_workers=num_workers, crf_workers=crf_workers, **kwargs)
         self.root = self.source.root
