@@ -45,3 +45,30 @@ def synthetic_voc(tmp_path) -> Path:
     from lightning_clipes.data.synthetic import write_synthetic_voc
 
     return write_synthetic_voc(tmp_path / "VOC2012", num_train=6, num_val=3, seed=0)
+
+
+def _stray_files(repo: Path) -> set[str]:
+    """Untracked or ignored paths in the checkout, apart from caches that Python and pytest keep."""
+    import subprocess
+
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=repo,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return set()
+    paths = {line[3:] for line in done.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if "__pycache__" not in p and not p.startswith((".pytest_cache", "lightning_clipes.egg-info"))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_under_their_tmp_dirs():
+    """The CI run must leave `git status` clean: a test that writes into the checkout fails the session."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        yield
+        return
+    before = _stray_files(repo)
+    yield
+    new = sorted(_stray_files(repo) - before)
+    assert not new, f"tests wrote into the checkout: {new[:10]}"

@@ -134,3 +134,35 @@ def test_worked_example(tmp_path):
     for image_id, labels, gt in zip(split.ids, split.labels, split.gt_paths):
         assert [names[c] for c in labels] == rows[f"{image_id}.jpg"]
         assert set(np.unique(load_mask(gt))) - {0} == {1 + c for c in labels}  # mask value = 1 + label index
+
+
+def test_files_in_another_encoding_name_the_file_and_the_fix(tmp_path):
+    from lightning_clipes.data.folder_format import read_label_file
+    from lightning_clipes.data.voc_format import read_split
+
+    split = tmp_path / "VOC2012" / "ImageSets" / "Segmentation"
+    split.mkdir(parents=True)
+    (split / "train.txt").write_bytes("2007_000032\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"Split file .*train\.txt is not UTF-8 text.*iconv"):
+        read_split(tmp_path / "VOC2012", "train")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("image,labels\nb\xe9b\xe9.jpg,cat\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"Label file .*labels\.csv is not UTF-8 text"):
+        read_label_file(labels)
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"Class list .*classes\.txt is not UTF-8 text"):
+        read_class_list(classes)
+
+
+def test_unknown_labels_can_be_dropped_from_the_command_line(tmp_path):
+    """The error's advice is a flag the CLI accepts (FolderSource.unknown), not a Python keyword."""
+    from lightning_clipes.data.sources import FolderSource
+
+    images, labels, classes = write_example_folder(tmp_path / "ex")
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join([rows[0], rows[1] + ";unicorn", *rows[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"unicorn.*--data\.source\.unknown warn"):
+        FolderSource(str(images), str(labels), str(classes)).read("train")
+    with pytest.warns(UserWarning, match="unicorn"):
+        FolderSource(str(images), str(labels), str(classes), unknown="warn").read("train")

@@ -300,9 +300,11 @@ def test_panels_go_to_image_loggers_only(tmp_path, monkeypatch):
     monkeypatch.setattr(tensorboard.experiment, "add_image", add_image)
     for logger in (tensorboard, CSVLogger(tmp_path)):
         t = L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0)
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run")
         t.validate(pixelwise(num_panels=1), eval_loader(fixed_eval_set()), verbose=False)
     assert pictures == [("val/panels/img0", (40, 3 * 48 + 8, 3), np.uint8, "HWC")]
+    # the CSV logger takes no pictures: they go to disk, under the run's folder (never the working directory)
+    assert [p.name for p in (tmp_path / "run" / "val_panels").rglob("*.jpg")] == ["img0.jpg"]
 
 
 def test_multiscale_and_flip_evaluation_of_the_wsss_papers(tmp_path):

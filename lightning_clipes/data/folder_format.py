@@ -15,6 +15,7 @@ Only numpy, Pillow and the standard library are used, so this module imports wit
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -26,7 +27,7 @@ from PIL import Image
 
 from lightning_clipes.data.labeled_split import LabeledSplit
 from lightning_clipes.data.synthetic import class_colour
-from lightning_clipes.data.voc_format import save_mask_png
+from lightning_clipes.data.voc_format import read_text, save_mask_png
 
 PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -54,7 +55,7 @@ def read_class_list(spec: Union[PathLike, Sequence[str]]) -> tuple[list[str], li
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Class list {path} not found; write one class per line (synonyms after commas).")
-        lines, source = path.read_text(encoding="utf-8-sig").splitlines(), str(path)
+        lines, source = read_text(path, "class list").splitlines(), str(path)
     else:
         lines, source = [str(s) for s in spec], "the class list"
     names, prompts = [], []
@@ -100,16 +101,15 @@ def read_label_file(path: PathLike) -> list[LabelEntry]:
         raise FileNotFoundError(f"Label file {path} not found; give a CSV (image,labels) or JSON file of labels.")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
-            if "image" not in reader.fieldnames or "labels" not in reader.fieldnames:
-                raise ValueError(f"Label file {path} has header {reader.fieldnames}; "
-                                 "the first line must be 'image,labels'.")
-            pairs = [(row["image"] or "", row["labels"] or "") for row in reader]
+        reader = csv.DictReader(io.StringIO(read_text(path, "label file"), newline=""))
+        reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+        if "image" not in reader.fieldnames or "labels" not in reader.fieldnames:
+            raise ValueError(f"Label file {path} has header {reader.fieldnames}; "
+                             "the first line must be 'image,labels'.")
+        pairs = [(row["image"] or "", row["labels"] or "") for row in reader]
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text(path, "label file"))
         except json.JSONDecodeError as err:
             raise ValueError(f"Label file {path} is not valid JSON ({err}).") from err
         if isinstance(data, dict):
@@ -184,7 +184,7 @@ def assign_labels(
                     raise ValueError(
                         f"Label file {source}: image {key!r} has label {token!r}, which is not a class. Valid "
                         f"names: {list(class_names)} (or indices 0..{len(class_names) - 1}). Fix the label or the "
-                        "class list (or pass unknown='warn' to drop such labels)."
+                        "class list, or set --data.source.unknown warn to drop such labels with a warning."
                     )
                 dropped.append(f"{token!r} ({key})")
             elif c not in labels:

@@ -7,7 +7,7 @@ student and CLI (``data.init_args.source: {class_path: lightning_clipes.COCOSour
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 from lightning_clipes.data.labeled_split import LabeledSplit
 from lightning_clipes.data.synthetic import ensure_synthetic_voc
@@ -109,13 +109,15 @@ class FolderSource(ImageSource):
         classes: a text file (one class per line, synonyms after commas: ``forklift,lift truck``) or a list.
         mask_dir: optional ground truth ``<stem>.png`` (class index + 1, 0 = background, 255 = ignore);
             ``{split}`` is replaced too.
+        unknown: a label that is no class stops with an error naming it (``error``), or is dropped with a
+            warning (``warn``).
     """
 
     def __init__(self, image_dir: str, label_file: str, classes: Union[str, list[str]],
-                 mask_dir: Optional[str] = None) -> None:
+                 mask_dir: Optional[str] = None, unknown: Literal["error", "warn"] = "error") -> None:
         from lightning_clipes.data.folder_format import read_class_list
 
-        self.image_dir, self.label_file, self.mask_dir = image_dir, label_file, mask_dir
+        self.image_dir, self.label_file, self.mask_dir, self.unknown = image_dir, label_file, mask_dir, unknown
         self.classes = classes
         self.class_names, self.prompt_names = read_class_list(classes)
 
@@ -127,4 +129,4 @@ class FolderSource(ImageSource):
             image_dir = image_dir / split
         mask_dir = Path(self.mask_dir.replace("{split}", split)).expanduser() if self.mask_dir else None
         return read_folder_split(image_dir, Path(self.label_file.replace("{split}", split)).expanduser(),
-                                 self.classes, mask_dir=mask_dir)
+                                 self.classes, mask_dir=mask_dir, unknown=self.unknown)

@@ -55,6 +55,18 @@ def voc_palette() -> list[int]:
 _PALETTE = voc_palette()
 
 
+def read_text(path: PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped); a file in another encoding raises
+    ValueError naming it and saying how to convert it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what.capitalize()} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {path} > fixed && mv fixed {path}."
+        ) from None
+
+
 def read_split(root: PathLike, split: str) -> list[str]:
     """Image ids of ``root/ImageSets/Segmentation/<split>.txt``.
 
@@ -72,7 +84,7 @@ def read_split(root: PathLike, split: str) -> list[str]:
             hint = (f"the folder {folder} does not exist; root must point at the VOC2012 folder "
                     "that contains JPEGImages/, Annotations/ and ImageSets/")
         raise FileNotFoundError(f"Split file {path} not found ({hint}).")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text(path, "split file").splitlines()
     return [line.split()[0] for line in lines if line.strip()]
 
 
