@@ -8,29 +8,15 @@ Model and data are chosen in the YAML by ``class_path`` (``lightning_clipes.CLIP
 from __future__ import annotations
 
 import os
-import socket
 import sys
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-
-def wandb_reachable(timeout: float = 2.0) -> bool:
-    """An API key is configured and the W&B server answers (so ``wandb.init`` will not hang)."""
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    if not has_key:
-        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-        has_key = netrc.is_file() and host in netrc.read_text(errors="ignore")
-    if not has_key:
-        return False
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+# --- cluster hooks: the logic lives in lightning_clipes/cluster.py (wandb_reachable is re-exported for old imports)
+from lightning_clipes.cluster import check_slurm_tasks, wandb_reachable  # noqa: F401
+# --- end cluster hooks
 
 
 class CLIPESCLI(LightningCLI):
@@ -48,6 +34,13 @@ class CLIPESCLI(LightningCLI):
         if uses_wandb and os.environ.get("WANDB_MODE") is None and not wandb_reachable():
             os.environ["WANDB_MODE"] = "offline"
             print("W&B: no API key or no network; logging offline (upload later with `wandb sync`).", file=sys.stderr)
+
+    # --- cluster hook: refuse a trainer whose processes are not the tasks SLURM started (lightning_clipes/cluster.py)
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        check_slurm_tasks(trainer.num_devices, trainer.num_nodes)
+        return trainer
+    # --- end cluster hook
 
 
 def cli_main(args: Optional[list[str]] = None) -> CLIPESCLI:

@@ -1,6 +1,8 @@
-"""SLURM without a cluster: Lightning's SLURM detection under simulated job variables, the auto-requeue cycle
-(SIGUSR1 -> hpc checkpoint + `scontrol requeue` -> the requeued job resumes), and the sbatch scripts of
-experiments/slurm/ run by bash with stand-ins for srun, conda and wandb, their command lines parsed by the CLI."""
+"""SLURM without a cluster: Lightning's SLURM detection under simulated job variables, the CLI's task-count check,
+the auto-requeue cycle (SIGUSR1 -> hpc checkpoint + `scontrol requeue` -> the requeued job resumes, older hpc
+checkpoints pruned), last.ckpt at every validation, the W&B server check, and the sbatch scripts of experiments/slurm/
+run by bash with stand-ins for srun, conda and wandb, their command lines parsed by the CLI.
+With a real SLURM: tests/test_slurm_cluster.py."""
 import os
 import re
 import signal
@@ -11,13 +13,18 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
 
 from lightning_clipes.cli import cli_main
+from lightning_clipes.cluster import (
+    RequeueCheckpoints, check_slurm_tasks, hpc_checkpoints, prune_hpc_checkpoints, wandb_base_url, wandb_reachable,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "experiments" / "slurm"
+SYNTHETIC = REPO / "experiments" / "synthetic.yaml"
 FIT_SCRIPTS = sorted(SLURM_DIR.glob("fit_*.sbatch"))
 JOB_ID = "987654"
 
@@ -115,8 +122,34 @@ def test_a_job_named_interactive_is_not_treated_as_slurm(monkeypatch):
     assert not trainer.strategy.cluster_environment.creates_processes_externally  # Lightning starts one per device
 
 
+class TimeLimitNear(Callback):
+    """What SLURM does 90 s before the limit with --signal=SIGUSR1@90, at global step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:  # without Lightning's handler SIGUSR1 would end pytest itself
+            assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None), "auto-requeue is off"
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class AtTrainStart(Callback):
+    """Records the step a fit starts from and the hpc checkpoints there are at that moment."""
+
+    def on_train_start(self, trainer, *args):
+        self.step = trainer.global_step
+        self.hpc = [p.name for p in hpc_checkpoints(trainer.default_root_dir)]
+
+
+def hpc_step(path: Path) -> int:
+    return torch.load(path, weights_only=False)["global_step"]
+
+
 def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_path, monkeypatch):
-    """The cycle the sbatch scripts rely on, with `scontrol` a stand-in that records its arguments."""
+    """The cycle the sbatch scripts rely on, twice, with `scontrol` a stand-in that records its arguments (so the
+    signalled job is not killed and runs to its max_steps): each requeued job resumes from the newest hpc checkpoint,
+    which RequeueCheckpoints keeps while the job resumes from it, and deletes once a newer one is written."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub(bin_dir / "scontrol", 'echo "$@" >> "$SCONTROL_RECORD"')
@@ -125,27 +158,161 @@ def test_sigusr1_saves_an_hpc_checkpoint_requeues_and_the_requeued_job_resumes(t
     simulate_slurm(monkeypatch, nodes=1, tasks_per_node=1, node=0, local=0)
     root = tmp_path / "out"
 
-    class TimeLimitNear(Callback):  # what SLURM does 90 s before the limit with --signal=SIGUSR1@90
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 3:  # without Lightning's handler SIGUSR1 would end pytest itself
-                assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None), "auto-requeue is off"
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-    class FirstStep(Callback):
-        def on_train_start(self, trainer, *args):
-            self.step = trainer.global_step
-
     common = dict(accelerator="cpu", devices=1, default_root_dir=root, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False)
-    Trainer(max_steps=5, callbacks=[TimeLimitNear()], **common).fit(BoringModel())
+    Trainer(max_steps=5, callbacks=[TimeLimitNear(3), RequeueCheckpoints()], **common).fit(BoringModel())
     assert sorted(p.name for p in root.iterdir()) == ["hpc_ckpt_1.ckpt"]
-    assert torch.load(root / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 3
+    assert hpc_step(root / "hpc_ckpt_1.ckpt") == 3
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", JOB_ID]
 
-    first = FirstStep()  # the requeued job: same job id, same default_root_dir, no ckpt_path
-    requeued = Trainer(max_steps=6, callbacks=[first], **common)
+    # the requeued job: same job id, same default_root_dir, no ckpt_path; requeued again at step 6
+    start = AtTrainStart()
+    requeued = Trainer(max_steps=8, callbacks=[RequeueCheckpoints(), start, TimeLimitNear(6)], **common)
     requeued.fit(BoringModel())
-    assert (first.step, requeued.global_step) == (3, 6)
+    assert (start.step, start.hpc, requeued.global_step) == (3, ["hpc_ckpt_1.ckpt"], 8)
+    assert sorted(p.name for p in root.iterdir()) == ["hpc_ckpt_2.ckpt"] and hpc_step(root / "hpc_ckpt_2.ckpt") == 6
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", JOB_ID] * 2
+
+    start = AtTrainStart()
+    again = Trainer(max_steps=9, callbacks=[RequeueCheckpoints(), start], **common)
+    again.fit(BoringModel())
+    assert (start.step, start.hpc, again.global_step) == (6, ["hpc_ckpt_2.ckpt"], 9)
+    assert sorted(p.name for p in root.iterdir()) == ["hpc_ckpt_2.ckpt"]
+
+
+def test_a_resumed_fit_deletes_the_older_hpc_checkpoints_once_it_has_resumed(tmp_path, monkeypatch):
+    """Left over from jobs before RequeueCheckpoints: all but the newest go when training has resumed from it."""
+    simulate_slurm(monkeypatch, nodes=1, tasks_per_node=1, node=0, local=0)
+    root = tmp_path / "out"
+    common = dict(accelerator="cpu", devices=1, default_root_dir=root, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(max_steps=2, **common)
+    trainer.fit(BoringModel())
+    for n in (2, 10, 9):  # Lightning resumes from the highest number (10), whatever the files' times
+        trainer.save_checkpoint(root / f"hpc_ckpt_{n}.ckpt")
+    (root / "notes.txt").write_text("kept")
+
+    start = AtTrainStart()
+    resumed = Trainer(max_steps=4, callbacks=[start, RequeueCheckpoints()], **common)
+    resumed.fit(BoringModel())
+    assert start.step == 2 and start.hpc == ["hpc_ckpt_2.ckpt", "hpc_ckpt_9.ckpt", "hpc_ckpt_10.ckpt"]
+    assert str(resumed.ckpt_path).endswith("hpc_ckpt_10.ckpt")
+    assert sorted(p.name for p in root.iterdir()) == ["hpc_ckpt_10.ckpt", "notes.txt"]
+
+
+def test_prune_hpc_checkpoints_keeps_the_highest_numbers(tmp_path):
+    for name in ["hpc_ckpt_1.ckpt", "hpc_ckpt_9.ckpt", "hpc_ckpt_10.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in prune_hpc_checkpoints(tmp_path, keep=2)] == ["hpc_ckpt_1.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_10.ckpt", "hpc_ckpt_9.ckpt", "hpc_ckpt_x.ckpt",
+                                                         "last.ckpt"]
+    assert prune_hpc_checkpoints(tmp_path / "missing") == []
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_hpc_checkpoints(tmp_path, keep=0)
+
+
+# ------------------------------------------------------------------------------------------- the CLI's task check
+@pytest.mark.parametrize("nodes,tasks_per_node,devices,num_nodes", [(1, 2, 2, 1), (2, 4, 4, 2)])
+def test_task_check_accepts_one_process_per_slurm_task(monkeypatch, nodes, tasks_per_node, devices, num_nodes):
+    simulate_slurm(monkeypatch, nodes=nodes, tasks_per_node=tasks_per_node, node=0, local=0)
+    check_slurm_tasks(devices, num_nodes)
+
+
+@pytest.mark.parametrize("devices,num_nodes", [(1, 1), (4, 1), (2, 2)])
+def test_task_check_refuses_processes_that_are_not_the_slurm_tasks(monkeypatch, devices, num_nodes):
+    simulate_slurm(monkeypatch, nodes=1, tasks_per_node=2, node=0, local=0)
+    with pytest.raises(ValueError) as error:
+        check_slurm_tasks(devices, num_nodes)
+    message = str(error.value)
+    assert "\n" not in message and "SLURM_NTASKS=2" in message
+    assert f"{devices} device(s) x {num_nodes} node(s) = {devices * num_nodes}" in message
+    assert "--trainer.devices" in message and "--trainer.num_nodes" in message
+
+
+def test_task_check_is_off_where_lightning_does_not_use_slurm(monkeypatch):
+    simulate_slurm(monkeypatch, nodes=1, tasks_per_node=2, node=0, local=0, job_name="interactive")  # salloc's shell
+    check_slurm_tasks(1, 1)
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    check_slurm_tasks(1, 1)
+
+
+def test_cli_refuses_one_device_under_two_slurm_tasks_before_the_labelling_pass(tmp_path, monkeypatch):
+    """Each of the two tasks would otherwise run its own training into the same version_0."""
+    simulate_slurm(monkeypatch, nodes=1, tasks_per_node=2, node=0, local=0)
+    with pytest.raises(ValueError, match=r"SLURM_NTASKS=2.*1 device\(s\) x 1 node\(s\)"):
+        cli_main(["fit", "-c", str(SYNTHETIC), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                  "--data.root", str(tmp_path / "VOC2012"), "--data.store_dir", str(tmp_path / "store"),
+                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false"])
+    assert not (tmp_path / "VOC2012").exists() and not (tmp_path / "store").exists()
+
+
+# ------------------------------------------------------------------------------------------- last.ckpt
+class WorseningModel(BoringModel):
+    """Logs a val/mIoU that only gets worse after the first validation."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/mIoU", 1.0 / (1 + self.global_step))
+        return super().validation_step(batch, batch_idx)
+
+
+def config_callbacks(config: Path) -> list:
+    data = yaml.safe_load(config.read_text())
+    return data["callbacks"] if "callbacks" in data else data["trainer"]["callbacks"]
+
+
+CALLBACK_CONFIGS = [REPO / "experiments" / "trainer_default.yaml", SYNTHETIC]
+
+
+@pytest.mark.parametrize("config", CALLBACK_CONFIGS, ids=[c.stem for c in CALLBACK_CONFIGS])
+def test_last_checkpoint_is_the_last_validation_even_when_val_miou_got_worse(config, tmp_path):
+    """A requeue after a preemption resumes from the newest of last.ckpt/hpc_ckpt: last.ckpt must be the last step,
+    not the best one (Lightning's save_last writes it only with a new top-k), also when training ends between two
+    validations."""
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": config_callbacks(config)}}))
+    LightningCLI(WorseningModel, BoringDataModule, save_config_kwargs={"overwrite": True}, args=[
+        "fit", "-c", str(callbacks), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=7",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+    ])
+    steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in tmp_path.rglob("*.ckpt")}
+    assert steps.pop("last.ckpt") == 7  # validations at 2, 4, 6 with val/mIoU 1/3, 1/5, 1/7; the end at 7
+    assert list(steps.values()) == [2]  # and the best checkpoint is still the first
+
+
+# ------------------------------------------------------------------------------------------- W&B server
+@pytest.fixture
+def no_wandb_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+
+
+def test_wandb_server_is_the_installed_wandbs_unless_wandb_base_url_is_set(no_wandb_key, monkeypatch):
+    import wandb
+
+    assert wandb_base_url() == wandb.Settings().base_url  # the default of this wandb version, whatever it is
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443")
+    assert wandb_base_url() == "https://wandb.example.org:8443"
+
+
+def test_wandb_is_reachable_with_a_key_and_a_server_that_answers(no_wandb_key, tmp_path, monkeypatch):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        assert not wandb_reachable()  # no key anywhere: wandb.init would ask for one
+        netloc = f"127.0.0.1:{server.getsockname()[1]}"
+        (tmp_path / ".netrc").write_text(f"machine {netloc} login user password {'k' * 40}\n")
+        (tmp_path / ".netrc").chmod(0o600)
+        assert wandb_reachable()  # the key for exactly this server, as `wandb login --host` writes it
+        (tmp_path / ".netrc").unlink()
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+        assert wandb_reachable()
+    assert not wandb_reachable(timeout=0.5)  # nothing listens there any more
 
 
 # ------------------------------------------------------------------------------------------- the sbatch scripts
@@ -232,9 +399,60 @@ def test_fit_script_srun_line_with_its_defaults_parses_with_the_cli(script, tmp_
     assert (ddp.world_size, ddp.global_rank) == (nodes * tasks, nodes * tasks - 1)
     assert trainer["default_root_dir"] == str(REPO / "outputs" / f"voc-{JOB_ID}")  # the requeued job finds it again
     assert trainer["logger"]["init_args"]["save_dir"] == trainer["default_root_dir"]
-    assert data["root"] == str(REPO / "data" / "VOC2012")
+    assert "--data.root" not in clipes_args  # DATA_ROOT unset: the config's own root (relative to the repository)
     assert data["store_dir"] == str(REPO / "outputs" / "pseudo_labels")
     assert data["labeler"]["init_args"]["pretrained"] == str(REPO / "weights" / "ViT-B-16.pt")
+
+
+@pytest.mark.parametrize("script", FIT_SCRIPTS, ids=[s.stem for s in FIT_SCRIPTS])
+def test_fit_script_runs_the_experiment_named_by_config_with_its_data_root(script, tmp_path, capsys, monkeypatch):
+    """CONFIG picks the experiment; DATA_ROOT becomes --data.root; CLIP_WEIGHTS= and CONDA_ENV= (empty) pass
+    nothing: the config's pretrained weights, the environment sbatch was called from."""
+    opts = sbatch_options(script)
+    env = {"CONFIG": "experiments/synthetic.yaml", "DATA_ROOT": str(tmp_path / "VOC2012"), "CLIP_WEIGHTS": "",
+           "CONDA_ENV": ""}
+    done = run_script(script, tmp_path, allocation(script), env=env, args=["--trainer.max_steps", "3"])
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "conda.txt").exists()
+    argv = recorded(tmp_path)
+    clipes_args = argv[argv.index("clipes") + 1:]
+    assert clipes_args[:3] == ["fit", "-c", "experiments/synthetic.yaml"]
+    assert clipes_args[-2:] == ["--trainer.max_steps", "3"]
+    assert "--data.labeler.init_args.pretrained" not in clipes_args
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*clipes_args, "--print_config"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err[-3000:]
+    config = yaml.safe_load(out.out)
+    trainer, data = config["trainer"], config["data"]["init_args"]
+    sizes = (str(trainer["devices"]), str(trainer["num_nodes"]), trainer["max_steps"])
+    assert sizes == (opts["ntasks-per-node"], opts["nodes"], 3)
+    assert trainer["default_root_dir"] == str(REPO / "outputs" / f"synthetic-{JOB_ID}")  # named after the config
+    assert (data["root"], data["store_dir"]) == (str(tmp_path / "VOC2012"), str(REPO / "outputs" / "pseudo_labels"))
+
+
+@pytest.mark.parametrize("args", [["-c", "x.yaml"], ["--config", "x.yaml"], ["--config=x.yaml"], ["-c=x.yaml"]])
+def test_fit_script_refuses_a_config_among_its_arguments(args, tmp_path):
+    script = SLURM_DIR / "fit_1node.sbatch"
+    done = run_script(script, tmp_path, allocation(script), args=["--trainer.max_steps", "3", *args])
+    assert done.returncode == 1 and not (tmp_path / "argv").exists()
+    assert f"'{args[0]}'" in done.stderr and "CONFIG=" in done.stderr
+
+
+def test_fit_script_says_that_voc_root_is_now_data_root(tmp_path):
+    script = SLURM_DIR / "fit_1node.sbatch"
+    done = run_script(script, tmp_path, allocation(script), env={"VOC_ROOT": "/data/VOC2012"})
+    assert done.returncode == 0 and "--data.root" not in recorded(tmp_path)
+    assert "Set DATA_ROOT=/data/VOC2012" in done.stderr
+
+
+def test_fit_script_stops_when_config_does_not_exist(tmp_path):
+    script = SLURM_DIR / "fit_1node.sbatch"
+    done = run_script(script, tmp_path, allocation(script), env={"CONFIG": "experiments/nope.yaml"})
+    assert done.returncode == 1 and not (tmp_path / "argv").exists()
+    assert "CONFIG=experiments/nope.yaml does not exist" in done.stderr
 
 
 @pytest.mark.parametrize("variable", ["SLURM_NTASKS_PER_NODE", "SLURM_JOB_NUM_NODES"])
