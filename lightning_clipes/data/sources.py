@@ -26,6 +26,10 @@ class ImageSource:
     def prepare(self) -> None:
         """Download or write data (rank 0 only, before ``read``); nothing by default."""
 
+    def check(self, split: str) -> None:
+        """Cheap checks that ``split`` can be read (folders and files exist), before anything heavy starts;
+        raises FileNotFoundError or ValueError saying what is missing and which option to set."""
+
 
 class VOCSource(ImageSource):
     """PASCAL VOC 2012 layout: ``JPEGImages/``, ``Annotations/*.xml`` (every object is a label),
@@ -44,12 +48,16 @@ class VOCSource(ImageSource):
         same = self.class_names == list(VOC_CLASSES)
         self.prompt_names = list(VOC_PROMPT_NAMES) if same else list(self.class_names)
 
-    def read(self, split: str) -> LabeledSplit:
+    def check(self, split: str) -> None:
         if not (self.root / "JPEGImages").is_dir():
             raise FileNotFoundError(
                 f"No JPEGImages/ folder under {self.root}. Set --data.root to the VOC2012 folder "
                 "(the one holding JPEGImages/, Annotations/ and ImageSets/)."
             )
+        read_split(self.root, split)
+
+    def read(self, split: str) -> LabeledSplit:
+        self.check(split)
         ids = read_split(self.root, split)
         return LabeledSplit(
             ids=ids,
@@ -72,6 +80,9 @@ class SyntheticVOCSource(VOCSource):
     def prepare(self) -> None:
         ensure_synthetic_voc(self.root, **self.synthetic)
 
+    def check(self, split: str) -> None:
+        """Written by :meth:`prepare` on first use: nothing to check."""
+
 
 class COCOSource(ImageSource):
     """COCO 2014: ``train2014/``, ``val2014/``, labels from ``annotations/instances_<split>.json`` (or a
@@ -92,6 +103,18 @@ class COCOSource(ImageSource):
         self.root = Path(root).expanduser()
         self.annotation_file, self.label_file = annotation_file, label_file
         self.class_names, self.prompt_names = list(COCO_CLASSES), list(COCO_PROMPT_NAMES)
+
+    def check(self, split: str) -> None:
+        from lightning_clipes.data.coco_format import SPLIT_ALIASES
+
+        split = SPLIT_ALIASES.get(split, split)
+        if not (self.root / split).is_dir():
+            raise FileNotFoundError(f"No image folder {self.root / split}: set --data.source.root to the COCO folder that "
+                                    "holds train2014/, val2014/ and annotations/ (splits: train2014, val2014).")
+        labels = self.label_file or self.annotation_file or self.root / "annotations" / f"instances_{split}.json"
+        if not Path(str(labels).replace("{split}", split)).expanduser().is_file():
+            raise FileNotFoundError(f"Labels {labels} not found: put COCO's instances_{split}.json under "
+                                    f"{self.root / 'annotations'}, or set --data.source.annotation_file / label_file.")
 
     def read(self, split: str) -> LabeledSplit:
         from lightning_clipes.data.coco_format import read_coco_split
@@ -120,6 +143,18 @@ class FolderSource(ImageSource):
         self.image_dir, self.label_file, self.mask_dir, self.unknown = image_dir, label_file, mask_dir, unknown
         self.classes = classes
         self.class_names, self.prompt_names = read_class_list(classes)
+
+    def check(self, split: str) -> None:
+        image_dir = Path(self.image_dir.replace("{split}", split)).expanduser()
+        label_file = Path(self.label_file.replace("{split}", split)).expanduser()
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"Image folder {image_dir} not found (split {split!r}): set --data.source.image_dir.")
+        if not label_file.is_file():
+            raise FileNotFoundError(f"Label file {label_file} not found (split {split!r}): set --data.source.label_file "
+                                    "to a CSV (image,labels) or JSON file.")
+        if self.mask_dir and not Path(self.mask_dir.replace("{split}", split)).expanduser().is_dir():
+            raise FileNotFoundError(f"Mask folder {self.mask_dir.replace('{split}', split)} not found (split {split!r}): "
+                                    "set --data.source.mask_dir, or null without ground truth.")
 
     def read(self, split: str) -> LabeledSplit:
         from lightning_clipes.data.folder_format import read_folder_split
