@@ -19,7 +19,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lightning_clipes.cluster import check_slurm_tasks, wandb_reachable  # noqa: F401 (wandb_reachable: old imports)
+from lightning_clipes.cluster import check_slurm_tasks, launcher_rank_zero, wandb_reachable  # noqa: F401
 from lightning_clipes.preflight import ConfigError, preflight
 
 DEBUG_ENV = "CLIPES_DEBUG"
@@ -71,7 +71,7 @@ class CLIPESCLI(LightningCLI):
         loggers = config.get("trainer", {}).get("logger")
         if "WandbLogger" in str(loggers) and os.environ.get("WANDB_MODE") is None and not wandb_reachable():
             os.environ["WANDB_MODE"] = "offline"
-            if is_rank_zero():
+            if launcher_rank_zero():
                 print("W&B: no API key or no network; logging offline (upload later with `wandb sync`).", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
@@ -136,14 +136,6 @@ def one_line(err: BaseException) -> str:
     return text if isinstance(err, (ValueError, OSError, ImportError, RuntimeError, ConfigError)) else f"{type(err).__name__}: {text}"
 
 
-def is_rank_zero() -> bool:
-    """Global rank 0 as the launchers say it (torchrun, SLURM, Lightning's own launcher), before Lightning starts."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "0") not in ("", "0"):
-            return False
-    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
-
-
 def cli_main(args: Optional[list[str]] = None) -> CLIPESCLI:
     """The LightningCLI behind ``clipes`` and ``lightning``; ``args`` replaces the command line (tests)."""
     return CLIPESCLI(
@@ -178,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as err:  # noqa: BLE001 - only configuration problems are shortened, the rest is re-raised
         if os.environ.get(DEBUG_ENV) or not (isinstance(err, ConfigError) or getattr(err, "_clipes_config_error", False)):
             raise
-        if is_rank_zero():
+        if launcher_rank_zero():
             print(f"clipes: error: {one_line(err)}\n(run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -23,6 +23,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
+def launcher_rank_zero() -> bool:
+    """Global rank 0 as the launchers say it (torchrun, SLURM, Lightning's own DDP launcher), usable before
+    Lightning has set up anything: for messages that should be printed once per job, not once per process."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return False
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
 # ------------------------------------------------------------------------------------------------- SLURM tasks
 def check_slurm_tasks(num_devices: int, num_nodes: int) -> None:
     """Refuse a trainer whose processes (``num_devices`` x ``num_nodes``) are not the tasks SLURM started.

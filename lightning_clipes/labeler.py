@@ -18,6 +18,7 @@ from typing import Literal, Optional, Sequence, Union
 import lightning as L
 import torch
 
+from lightning_clipes.cluster import launcher_rank_zero
 from lightning_clipes.components.clip_loader import load_clip
 from lightning_clipes.components.clipes import CLIPES, resolve_precision
 from lightning_clipes.components.crf import CRFParams, require_crf
@@ -93,8 +94,9 @@ class CLIPESLabeler(L.LightningModule):
         super().__init__()
         if crf:
             require_crf()  # fail at start, with the install command, not after hours of labelling
-        if pretrained is None:
-            warnings.warn("CLIPESLabeler has random CLIP weights (pretrained=None): its masks are meaningless.", stacklevel=2)
+        if pretrained is None and launcher_rank_zero():  # once per job; here, not at jsonargparse's call site
+            warnings.warn("CLIPESLabeler has random CLIP weights (pretrained=None): its masks are meaningless.",
+                          stacklevel=1)
         if gradcam not in ("softmax", "plain"):
             raise ValueError(f"gradcam must be 'softmax' or 'plain', got {gradcam!r}.")
         clip = load_clip(model_name, pretrained, quick_gelu)
@@ -240,7 +242,7 @@ class CLIPESLabeler(L.LightningModule):
         self.failed.update(self._labeller.failed)
         if self.failed:
             warnings.warn(f"{len(self.failed)} image(s) could not be labelled: "
-                          + "; ".join(f"{k}: {v}" for k, v in list(self.failed.items())[:5]), stacklevel=2)
+                          + "; ".join(f"{k}: {v}" for k, v in list(self.failed.items())[:5]), stacklevel=1)
 
     # ---------------------------------------------------------------- validate
     def on_validation_start(self) -> None:
@@ -270,12 +272,13 @@ class CLIPESLabeler(L.LightningModule):
         final = "crf" if "crf" in self.confmats else "caa"
         for stage, confmat in self.confmats.items():
             per_class, miou = iou_from_confmat(confmat.compute())  # summed over ranks by torchmetrics
-            self.log(f"pseudo/mIoU_{stage}", miou)
+            # plain floats: torchmetrics summed the matrices over the ranks already (nothing for Lightning to sync)
+            self.log(f"pseudo/mIoU_{stage}", float(miou))
             if stage == final:
-                self.log("pseudo/mIoU", miou)
+                self.log("pseudo/mIoU", float(miou), prog_bar=True)
                 for name, iou in zip(names, per_class):  # classes absent from ground truth and prediction: NaN
                     if not torch.isnan(iou):
-                        self.log(f"pseudo/IoU/{name}", iou)
+                        self.log(f"pseudo/IoU/{name}", float(iou))
             confmat.reset()
         pixels, confident, right = self.trainer.strategy.reduce(self.coverage, reduce_op="sum").tolist()
         self.log("pseudo/confident_fraction", confident / max(pixels, 1.0))
@@ -283,7 +286,7 @@ class CLIPESLabeler(L.LightningModule):
         self.coverage.zero_()
         self.failed.update(self._labeller.failed)
         if self.failed:
-            warnings.warn(f"{len(self.failed)} image(s) could not be labelled: {list(self.failed)[:5]}", stacklevel=2)
+            warnings.warn(f"{len(self.failed)} image(s) could not be labelled: {list(self.failed)[:5]}", stacklevel=1)
 
 
 def _is_current(store: PseudoLabelStore, image_id: str, path: Path, labels) -> bool:

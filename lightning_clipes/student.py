@@ -278,10 +278,12 @@ class SegmentationStudent(L.LightningModule):
                     "it will fail); validate on a split with ground-truth masks.", stacklevel=2)
             return
         per_class, miou = iou_from_confmat(matrix)
-        self.log(f"{stage}/mIoU", miou, sync_dist=False)
+        # plain floats: torchmetrics already summed the matrix over the ranks, so there is nothing to sync
+        # (a tensor would make Lightning advise sync_dist=True on every rank at every validation)
+        self.log(f"{stage}/mIoU", float(miou), prog_bar=stage == "val")
         for name, iou in zip(self._class_names(), per_class):
             if not torch.isnan(iou):
-                self.log(f"{stage}/IoU/{name}", iou, sync_dist=False)
+                self.log(f"{stage}/IoU/{name}", float(iou))
 
     def _write_predictions(self, preds: list[tuple[str, torch.Tensor]]) -> None:
         root = Path(self.output_dir or self.trainer.default_root_dir) / "predictions"

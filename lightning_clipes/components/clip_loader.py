@@ -85,6 +85,49 @@ def _is_openai_state_dict(sd: dict) -> bool:
     return "visual.proj" in sd and "visual.conv1.weight" in sd and "token_embedding.weight" in sd
 
 
+# ------------------------------------------------- compact checkpoints (the package's own toy CLIP)
+COMPACT_FORMAT = "lightning_clipes.compact_clip/1"
+
+
+def compact_state_dict(state_dict: dict, model_name: str, dtype: torch.dtype = torch.float16) -> dict:
+    """A small file for a small CLIP: float tensors stored as ``dtype``; ``token_embedding.weight``
+    (49,408 rows for open_clip's BPE vocabulary) stored as its non-zero rows and their indices.
+
+    Returns ``{"format", "model_name", "state_dict", "token_rows": {"index", "rows", "num_rows"}}``;
+    :func:`expand_compact_state_dict` gives back a full float32 state dict (zero rows where none
+    were stored). A model trained with the unused rows held at zero round-trips up to ``dtype``.
+    """
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone() for k, v in state_dict.items()}
+    table = sd.pop("token_embedding.weight")
+    index = table.ne(0).any(dim=1).nonzero().flatten()
+    return {"format": COMPACT_FORMAT, "model_name": model_name, "state_dict": sd,
+            "token_rows": {"index": index.to(torch.int32), "rows": table[index].clone(), "num_rows": table.shape[0]}}
+
+
+def expand_compact_state_dict(ckpt: dict) -> dict:
+    """The float32 state dict of a :func:`compact_state_dict` checkpoint."""
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
+    rows = ckpt["token_rows"]
+    table = torch.zeros(int(rows["num_rows"]), rows["rows"].shape[1])
+    table[rows["index"].long()] = rows["rows"].float()
+    sd["token_embedding.weight"] = table
+    return sd
+
+
+def _is_compact(ckpt: dict) -> bool:
+    return ckpt.get("format") == COMPACT_FORMAT
+
+
+def _build_compact(ckpt: dict, model_name: str, path: Path, quick_gelu: Optional[bool]) -> nn.Module:
+    if ckpt["model_name"] != model_name:
+        raise ValueError(f"{path} holds weights of {ckpt['model_name']!r}, not {model_name!r}; set model_name to "
+                         f"{ckpt['model_name']!r}.")
+    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+    model.load_state_dict(expand_compact_state_dict(ckpt))
+    return model
+# ------------------------------------------------------------------------ end of compact checkpoints
+
+
 def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool]) -> tuple[nn.Module, str]:
     """Return (model, tokenizer model name)."""
     if pretrained is None:
@@ -92,6 +135,8 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
     path = Path(os.path.expanduser(pretrained))
     if path.is_file():
         ckpt, scripted = _read_checkpoint(path)
+        if not scripted and _is_compact(ckpt):
+            return _build_compact(ckpt, model_name, path, quick_gelu), model_name
         if (scripted or _is_openai_state_dict(ckpt)) and quick_gelu is not False:
             # OpenAI format: architecture inferred from the tensors, QuickGELU, fp16 round-trip as OpenAI's loader.
             sd = {k: v for k, v in ckpt.items() if not k.endswith("attn_mask")}  # scripted buffers, not weights

@@ -65,6 +65,14 @@ class LabeledImages(Dataset):
         return self.subset([i for i, image_id in enumerate(self.ids) if image_id not in drop])
 
 
+def default_workers() -> int:
+    """Loader processes when none are asked for: the CPUs of this job (SLURM's per-task count or the affinity
+    mask) minus one for the main process, at most 8 (1 on a 2-core laptop, not 4)."""
+    from lightning_clipes.components.labelling import available_cpus
+
+    return max(0, min(8, available_cpus() - 1))
+
+
 def collate_items(items: list[dict]) -> list[dict]:
     """Images differ in size: a batch is the list of items."""
     return items
@@ -77,7 +85,7 @@ class LabelerDataModule(L.LightningDataModule):
         source: where images, labels and ground truth come from (:mod:`lightning_clipes.data.sources`).
         split: the split to label.
         batch_size: images per labeler call (same-size images share one forward/backward).
-        num_workers: image decoding processes.
+        num_workers: image decoding processes; ``null`` = the CPUs this job has minus one, at most 8.
         skip_unreadable: skip (and count) images that are missing or cannot be decoded instead of
             stopping with an error that names the file.
     """
@@ -87,14 +95,14 @@ class LabelerDataModule(L.LightningDataModule):
         source: ImageSource,
         split: str = "train",
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: Optional[int] = None,
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
         self.split = split
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.skip_unreadable = skip_unreadable
         self.dataset: Optional[LabeledImages] = None
 
@@ -164,7 +172,7 @@ class VOCDataModule(LabelerDataModule):
         split: str = "train",
         class_names: Sequence[str] = VOC_CLASSES,
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: Optional[int] = None,
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__(VOCSource(root, class_names), split, batch_size, num_workers, skip_unreadable)

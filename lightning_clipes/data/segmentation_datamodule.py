@@ -48,8 +48,8 @@ class SegmentationDataModule(LabelerDataModule):
         crop_size, scale_range, hflip: training augmentation (random scale, crop, flip; method §6).
         color_jitter: colour jitter strength; 0 = off, as in the paper (``0.3`` is a common choice).
         batch_size: training crops per device; ``label_batch_size``: images per labeler call.
-        num_workers: data-loading processes; ``crf_workers``: CRF processes during labelling (``null`` =
-            the CPUs of this task minus ``num_workers`` and one).
+        num_workers: data-loading processes (``null`` = the CPUs of this task minus one, at most 8);
+            ``crf_workers``: CRF processes during labelling (``null`` = the CPUs minus ``num_workers`` and one).
         skip_unreadable: leave out (and count) images that cannot be read instead of stopping.
         max_failed_fraction: stop with an error, before training, when more than this share of the
             split could not be labelled (unreadable files, images too large for the device).
@@ -71,7 +71,7 @@ class SegmentationDataModule(LabelerDataModule):
         color_jitter: float = 0.0,
         batch_size: int = 8,
         label_batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: Optional[int] = None,
         crf_workers: Optional[int] = None,
         skip_unreadable: bool = True,
         cache_dir: Optional[str] = None,

@@ -41,8 +41,12 @@ def train_transform(
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]. Decoded images can be read-only views, which
+    torch.from_numpy would warn about: such arrays are copied."""
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
 
 
 class PseudoLabelledCrops(Dataset):

@@ -201,7 +201,7 @@ def load_mask(path: PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            arr = np.asarray(img) if mode in ("P", "L", "1") or mode.startswith("I") else None
+            arr = np.array(img) if mode in ("P", "L", "1") or mode.startswith("I") else None  # writable
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"Cannot decode mask {path}: {err}. Re-create or replace this file.") from err
     if arr is None:
