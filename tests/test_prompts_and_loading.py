@@ -96,7 +96,7 @@ def test_open_clip_checkpoint_and_registered_config(tmp_path):
 
 
 def test_missing_weights_name_the_flag_and_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--model.pretrained.*ViT-B-16.pt"):
+    with pytest.raises(FileNotFoundError, match=r"ViT-B-16.pt.*--model.pretrained.*--data.labeler.init_args.pretrained"):
         load_clip("ViT-B-16", str(tmp_path / "ViT-B-16.pt"))
     with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
         load_clip("ViT-B-16", "not-a-tag")
@@ -104,8 +104,19 @@ def test_missing_weights_name_the_flag_and_the_file(tmp_path):
         load_clip("ViT-Q-99", "openai")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="Could not read CLIP checkpoint"):
+    with pytest.raises(ValueError, match="Could not read CLIP weights .*garbage.pt: it is not a PyTorch checkpoint") as err:
         load_clip("ViT-B-16", str(garbage))
+    assert "weights_only=False" not in str(err.value)
+
+
+def test_a_pickled_object_is_refused_without_advice_to_unpickle_it(tmp_path):
+    import argparse
+
+    path = tmp_path / "whole-model.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.zeros(2)}, path)  # a pickled object, not only tensors
+    with pytest.raises(ValueError, match=r"pickled Python objects besides tensors.*torch.save\(model.state_dict\(\)") as err:
+        load_clip("ViT-B-16", str(path))
+    assert "weights_only=False" not in str(err.value)
 
 
 def test_non_vit_towers_are_refused():

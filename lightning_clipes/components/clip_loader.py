@@ -25,10 +25,11 @@ from torch import nn
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 _MISSING_WEIGHTS_HELP = (
-    "Set --model.pretrained to a local OpenAI-format checkpoint (CLIP-ES uses ViT-B-16.pt from "
+    "Set the labeler's pretrained (--model.pretrained in clipes predict/validate, "
+    "--data.labeler.init_args.pretrained in clipes fit) to a local OpenAI-format checkpoint (CLIP-ES uses ViT-B-16.pt from "
     "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt), "
     "to an open_clip checkpoint, or to an open_clip pretrained tag such as 'openai' (needs network "
-    "access or a filled HF/open_clip cache); use --model.pretrained null for random weights (tests only)."
+    "access or a filled HF/open_clip cache); null gives random weights (meaningless masks)."
 )
 
 
@@ -67,7 +68,13 @@ def _read_checkpoint(path: Path) -> tuple[dict, bool]:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for foreign files
-        raise ValueError(f"Could not read CLIP checkpoint {path}: {err}. {_MISSING_WEIGHTS_HELP}") from err
+        if "Unsupported global" in str(err):
+            # torch's own message suggests weights_only=False, which would run whatever code the file holds
+            reason = ("it holds pickled Python objects besides tensors, and lightning_clipes loads weights only (a "
+                      "pickle can run code). Save the weights alone: torch.save(model.state_dict(), PATH)")
+        else:
+            reason = f"it is not a PyTorch checkpoint or is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        raise ValueError(f"Could not read CLIP weights {path}: {reason}. {_MISSING_WEIGHTS_HELP}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"CLIP checkpoint {path} holds a {type(ckpt).__name__}, expected a state dict.")
     return ckpt, False
