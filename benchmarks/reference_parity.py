@@ -82,7 +82,7 @@ def main() -> None:
         print("| weights | ours | images | mean abs diff | worst image mean | worst pixel | label agreement (worst / mean) |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, weights in weight_sets:
-            out = tmp / f"reference-{name[:6]}"
+            out = tmp / f"reference-{weights.stem}"
             done = out.is_dir() and all((out / f"{i}.npy").is_file() for i in ids)
             seconds = 0.0 if done else run_reference(args.reference, voc, ids, weights, out)
             for reference_order in (True, False):

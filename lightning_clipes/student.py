@@ -111,6 +111,8 @@ class SegmentationStudent(L.LightningModule):
         init_exclude: modules of the network that keep their fresh initialisation instead (e.g. ``[aspp]``
             for DeepLabV2 or ``[segmentation_head]`` for smp models when the checkpoint has another
             number of classes). Any other difference is an error that names the keys.
+        channels_last: weights and inputs in NHWC memory layout (faster convolutions with ``bf16-mixed`` on
+            GPUs with tensor cores; measured in ``benchmarks/student_throughput.py``).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class SegmentationStudent(L.LightningModule):
         crf_params: CRFParams = STUDENT_CRF,
         init_checkpoint: Optional[str] = None,
         init_exclude: list[str] = [],  # noqa: B006 (as val_scales)
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # The optimizer callable is not picklable (a lambda); the CLI's config.yaml records it instead.
@@ -163,6 +166,8 @@ class SegmentationStudent(L.LightningModule):
         elif init_exclude:
             raise ValueError(f"init_exclude {init_exclude} is set without init_checkpoint; set both or neither.")
         self.model = PaddedSegmenter(net, *encoder_normalisation(encoder_name, encoder_weights))
+        if channels_last:
+            self.model.use_channels_last()
         self.optimizer_factory = optimizer
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.head_bias_weight_decay, self.sync_batchnorm = head_bias_weight_decay, sync_batchnorm

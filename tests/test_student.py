@@ -429,3 +429,13 @@ def test_test_crf_without_the_package_fails_at_construction(monkeypatch):
     with pytest.raises(ImportError, match="pip install"):
         pixelwise(test_crf=True)
     pixelwise(test_crf=False)  # nothing needed without the CRF
+
+
+def test_channels_last_changes_the_layout_not_the_numbers():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 45, 61)
+    plain, nhwc = unet(), unet(channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())
+    conv = next(m for m in nhwc.model.net.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-4, atol=1e-4)

@@ -141,11 +141,18 @@ class PaddedSegmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         own = getattr(net, "input_multiple", None)
+        self.channels_last = False  # set by use_channels_last()
         stride = getattr(getattr(net, "encoder", None), "output_stride", multiple)
         if isinstance(own, int) and own > 0:
             self.multiple = own
         else:
             self.multiple = math.lcm(int(multiple), int(stride)) if isinstance(stride, int) and stride > 0 else multiple
+
+    def use_channels_last(self) -> "PaddedSegmenter":
+        """Keep weights and inputs in channels-last (NHWC) memory layout."""
+        self.net.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, C, H, W) float32 logits, for any H, W >= 1."""
@@ -156,6 +163,8 @@ class PaddedSegmenter(nn.Module):
         pad_h, pad_w = -h % self.multiple, -w % self.multiple
         if pad_h or pad_w:  # zeros after normalisation = the mean colour, on the right and bottom
             x = F.pad(x, (0, pad_w, 0, pad_h))
+        if self.channels_last:  # NHWC: the layout fast convolution kernels want (GPU tensor cores, oneDNN)
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         if logits.shape[-2:] != x.shape[-2:]:  # an architecture with a strided head
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
