@@ -140,6 +140,7 @@ def test_each_run_keeps_its_config_with_its_checkpoints(synthetic_voc, tmp_path,
                         "--trainer.logger.init_args.save_dir", str(tmp_path / "outputs"),
                         "--trainer.default_root_dir", str(tmp_path / "outputs")])
         runs.append(Path(run.trainer.checkpoint_callback.dirpath).parent)
+    wandb.finish()  # leave no run open for the tests that follow
     assert runs[0] != runs[1] and not (tmp_path / "outputs" / "config.yaml").exists()
     lrs = [yaml.safe_load((r / "config.yaml").read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"] for r in runs]
     assert lrs == [0.01, 0.02]
