@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 
 from lightning_clipes.cli import cli_main
-from lightning_clipes.data.labeler_datamodule import LabeledImages
 from lightning_clipes.data.pseudo_label_pass import PassAborted, plan_pass, run_pass
 from lightning_clipes.data.segmentation_datamodule import VOCSegmentationDataModule
 from lightning_clipes.data.store import PseudoLabelStore

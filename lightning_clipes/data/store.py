@@ -26,7 +26,6 @@ import errno
 import io
 import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from lightning_clipes.data.claims import ClaimOwner
 from lightning_clipes.data.voc_format import load_mask, save_mask_png
 
 PathLike = Union[str, os.PathLike]
@@ -218,7 +218,7 @@ class PseudoLabelStore:
         return load_mask(self.mask_path(image_id))
 
     # ------------------------------------------------------------------ claims
-    def claim(self, image_id: str, owner: "ClaimOwner", timeout: float = 600.0) -> bool:
+    def claim(self, image_id: str, owner: ClaimOwner, timeout: float = 600.0) -> bool:
         """Take the image for ``owner``; False when someone alive holds it.
 
         A claim is stale (taken over) when its process is gone on this host (or is this process, in an
@@ -239,7 +239,7 @@ class PseudoLabelStore:
             f.write(text)
         return True
 
-    def release(self, image_id: str, owner: "ClaimOwner") -> None:
+    def release(self, image_id: str, owner: ClaimOwner) -> None:
         """Remove the claim if it is still ``owner``'s."""
         path = self.claim_path(image_id)
         try:
@@ -296,56 +296,6 @@ class PseudoLabelStore:
     def write_meta(self, meta: dict) -> None:
         """Record how the labels were made (``meta.json``), for people and for reuse checks."""
         atomic_write_bytes(self.root / "meta.json", json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
-
-
-@dataclass(frozen=True)
-class ClaimOwner:
-    """Who holds a claim: host, process, SLURM job and restart count, and the labelling pass."""
-
-    host: str
-    pid: int
-    job: str
-    restart: int
-    pass_id: str
-
-    @classmethod
-    def here(cls, pass_id: str) -> "ClaimOwner":
-        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", ""))
-        if os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_JOB_ID"):
-            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        return cls(socket.gethostname(), os.getpid(), job, int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), pass_id)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def is_stale_claim(self, path: Path, timeout: float) -> bool:
-        try:
-            age = time.time() - path.stat().st_mtime
-            other = json.loads(path.read_text())
-        except FileNotFoundError:
-            return True
-        except (OSError, ValueError):  # being written right now, or garbage
-            return age > 5.0
-        if other.get("host") == self.host:
-            if other.get("pid") == self.pid and other.get("pass_id") != self.pass_id:
-                return True  # an earlier pass of this very process, which stopped without releasing it
-            if other.get("pid") != self.pid and not _alive(int(other.get("pid", -1))):
-                return True
-        if self.job and other.get("job") == self.job and int(other.get("restart", 0)) < self.restart:
-            return True
-        return age > timeout
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StoreWriter:
