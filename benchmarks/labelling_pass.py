@@ -9,7 +9,11 @@ ViT-B/16 weights in OpenAI's format (the cost does not depend on the values) and
 (500x375, 375x500, 500x333) with 1-3 labels. Ours runs without the CRF (the reference's generating
 script has none; its CRF is a separate evaluation script), in each ``--precisions``, and once more with
 the CRF; every row also writes the cams as the reference does, plus masks and confidence.
-Prints a markdown table; ``--json FILE`` keeps the numbers.
+A second table gives the steady state of the in-job pass (``run_pass``: loader workers, labeller,
+CRF workers, store writers) without process start-up and CLIP loading, and on a GPU how busy it was.
+Prints markdown tables; ``--json FILE`` keeps the numbers. On a GPU machine:
+
+    python benchmarks/labelling_pass.py --device cuda --images 512 --precisions 32,16 --reference PATH/CLIP-ES --reference-images 64
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import threading
 
 import torch
 
@@ -47,6 +53,39 @@ def run_ours(voc: Path, weights: Path, out: Path, device: str, precision: str, c
     return seconds
 
 
+def steady_state(voc: Path, weights: Path, store_dir: Path, device: str, precision: str, crf: bool, batch: int,
+                 workers: int) -> tuple[float, float]:
+    """(images/s, GPU busy share or nan) of the in-job labelling pass after start-up, in this process."""
+    from lightning_clipes.data.labeler_datamodule import LabelerDataModule
+    from lightning_clipes.data.pseudo_label_pass import plan_pass, run_pass
+    from lightning_clipes.data.sources import VOCSource
+    from lightning_clipes.data.store import PseudoLabelStore
+    from lightning_clipes.labeler import CLIPESLabeler
+
+    labeler = CLIPESLabeler(pretrained=str(weights), precision=precision, crf=crf, preview_images=0, save_cams=False)
+    images = LabelerDataModule(VOCSource(voc), num_workers=workers).build_dataset("train")
+    dev = torch.device(device)
+    warm = PseudoLabelStore(store_dir / "warm")  # first calls compile kernels and fill caches
+    run_pass(labeler, images.subset(range(2)), plan_pass(images.subset(range(2)), warm, "w"), warm, dev,
+             batch_size=batch, num_workers=0, progress=False)
+    store = PseudoLabelStore(store_dir / "timed")
+    plan = plan_pass(images, store, "t")
+    busy, stop = [], threading.Event()
+
+    def sample() -> None:  # nvidia-smi's "utilization": share of time a kernel was running
+        while not stop.wait(0.1):
+            busy.append(torch.cuda.utilization(dev))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if dev.type == "cuda":
+        sampler.start()
+    start = time.perf_counter()
+    run_pass(labeler, images, plan, store, dev, batch_size=batch, num_workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    stop.set()
+    return len(images) / seconds, (sum(busy) / len(busy) / 100 if busy else float("nan"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, help="a checkout of linyq2117/CLIP-ES (optional)")
@@ -55,7 +94,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="32,auto", help="ours, comma-separated: 32, bf16, 16, auto")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--no-crf", action="store_true", help="skip the row with the CRF")
+    parser.add_argument("--no-crf", action="store_true", help="skip the rows with the CRF")
+    parser.add_argument("--reference-images", type=int, help="run the reference on the first N images only (slow on "
+                        "a GPU machine); its images/s is compared")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     rows = []
@@ -70,10 +111,12 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- |")
         reference = None
         if args.reference is not None:
-            reference = run_reference(args.reference, voc, ids, weights, tmp / "reference")
-            rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "seconds": reference})
-            print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU) | no | {reference:.1f} | "
-                  f"{len(ids) / reference:.2f} | 1.00 |", flush=True)
+            ref_ids = ids[: args.reference_images or len(ids)]
+            seconds = run_reference(args.reference, voc, ref_ids, weights, tmp / "reference")
+            reference = seconds * len(ids) / len(ref_ids)  # seconds it would take for all the images
+            rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "images": len(ref_ids), "seconds": seconds})
+            print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU), {len(ref_ids)} images | no | "
+                  f"{seconds:.1f} | {len(ref_ids) / seconds:.2f} | 1.00 |", flush=True)
         plan = [(p, False) for p in args.precisions.split(",")] + ([] if args.no_crf else [(args.precisions.split(",")[-1], True)])
         for k, (precision, crf) in enumerate(plan):
             seconds = run_ours(voc, weights, tmp / f"ours{k}", args.device, precision, crf, args.batch_size, args.workers)
@@ -81,6 +124,15 @@ def main() -> None:
             rows.append({"run": f"clipes predict --model.precision {precision}", "crf": crf, "seconds": seconds})
             print(f"| `clipes predict --model.precision {precision}` | {'yes' if crf else 'no'} | {seconds:.1f} | "
                   f"{len(ids) / seconds:.2f} | {ratio} |", flush=True)
+        print("\nSteady state of the in-job pass (no start-up, no CLIP loading)\n")
+        print("| precision | CRF | images/s | GPU busy |")
+        print("| --- | --- | --- | --- |")
+        for k, (precision, crf) in enumerate(plan):
+            rate, busy = steady_state(voc, weights, tmp / f"steady{k}", args.device, precision, crf, args.batch_size,
+                                      args.workers)
+            rows.append({"run": f"run_pass --precision {precision}", "crf": crf, "images_per_s": rate, "gpu_busy": busy})
+            print(f"| {precision} | {'yes' if crf else 'no'} | {rate:.2f} | "
+                  f"{'–' if busy != busy else f'{100 * busy:.0f} %'} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "images": len(ids), "rows": rows}, indent=1))
 
