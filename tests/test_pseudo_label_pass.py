@@ -156,6 +156,38 @@ def test_an_abandoned_claim_is_taken_over_and_waiting_ranks_do_not_wait_forever(
     assert all(store.is_current(images.ids[i], plan.records[i]) for i in plan.todo)
 
 
+def test_an_image_another_rank_finishes_while_we_wait_is_not_labelled_again(synthetic_voc, tiny_openai_ckpt, tmp_path):
+    """The race of a waiting rank: it sees an unfinished image, the other rank writes it and releases its
+    claim, then our claim succeeds. The entry must be taken as it is, not labelled a second time."""
+    from lightning_clipes.data.store import ClaimOwner
+
+    lab = labeler(tiny_openai_ckpt)
+    images = VOCSegmentationDataModule(str(synthetic_voc), split="train", labeler=None).build_dataset("train")
+    store = PseudoLabelStore(tmp_path / "store")
+    plan = plan_pass(images, store, "p1")
+    target = plan.todo[1]
+    image_id, record = images.ids[target], plan.records[target]
+    other = ClaimOwner("another-host", 4242, "", 0, "p1")  # alive, on another node
+    assert store.claim(image_id, other)
+    original, calls = store.claim, []
+
+    def claim(claimed_id, owner, timeout=600.0):
+        if claimed_id == image_id:
+            calls.append(owner)
+            if len(calls) == 2:  # the other rank finishes just before our second try
+                ghost_mask = np.full(record.size, 7, np.uint8)
+                store.write(image_id, record, np.array([6]), ghost_mask, np.ones(record.size))
+                store.release(image_id, other)
+        return original(claimed_id, owner, timeout)
+
+    store.claim = claim
+    result = run_pass(lab, images, plan, store, lab.device, progress=False, poll_interval=0.05)
+    assert len(calls) == 2 and image_id not in result.labelled
+    assert sorted(result.labelled + [image_id]) == sorted(images.ids)
+    assert (store.read_mask(image_id) == 7).all()  # the other rank's entry, kept
+    assert not list((store.root / "claims").glob("*.claim"))
+
+
 # ------------------------------------------------------------------ whole jobs in their own processes
 def write_config(tmp_path, voc, ckpt, store, **data_args) -> Path:
     config = {

@@ -90,11 +90,7 @@ class ClaimingBatchSampler(Sampler):
             image_id = self.images.ids[i]
             if self.store.failure(image_id, self.plan.pass_id) is not None:
                 continue
-            if not self.store.claim(image_id, self.owner, self.claim_timeout):
-                continue
-            record = self.plan.records[i]
-            if record is not None and self.store.is_current(image_id, record):  # finished while we looked
-                self.store.release(image_id, self.owner)
+            if not _claim_unfinished(self.store, image_id, self.plan.records[i], self.owner, self.claim_timeout):
                 continue
             batch.append(i)
             if len(batch) == self.batch_size:
@@ -231,7 +227,8 @@ def _wait_for_others(labeler, labeller, plan, images, store, owner, writer, resu
                 del open_ids[image_id]
         if not open_ids:
             return
-        grabbed = [i for i in open_ids.values() if store.claim(images.ids[i], owner, claim_timeout)]
+        grabbed = [i for i in open_ids.values() if _claim_unfinished(store, images.ids[i], plan.records[i], owner,
+                                                                     claim_timeout)]
         if grabbed:
             for start in range(0, len(grabbed), 8):
                 _write(labeller([images[i] for i in grabbed[start:start + 8]]), plan, images, writer, result)
@@ -246,6 +243,18 @@ def _wait_for_others(labeler, labeller, plan, images, store, owner, writer, resu
         check()
         counter.update(force=True)
         time.sleep(poll_interval)
+
+
+def _claim_unfinished(store: PseudoLabelStore, image_id: str, record: Optional[EntryRecord], owner: ClaimOwner,
+                      claim_timeout: float) -> bool:
+    """Claim an image that is still unfinished. Checked again after the claim: another rank may have
+    written it and released its claim between our look and our claim."""
+    if not store.claim(image_id, owner, claim_timeout):
+        return False
+    if record is not None and store.is_current(image_id, record):
+        store.release(image_id, owner)
+        return False
+    return True
 
 
 class _Progress:
