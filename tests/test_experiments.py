@@ -35,6 +35,10 @@ def data_overrides(config: Path, voc: Path, tmp_path: Path) -> list[str]:
 
 
 def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
+    if "ToyCaptionDataModule" in config.read_text():  # trains the toy CLIP: tiny batches, nothing exported
+        return ["--trainer.default_root_dir", str(out), "--trainer.fast_dev_run", "1", "--trainer.logger", "false",
+                "--data.batch_size", "4", "--data.val_samples", "4", "--data.image_size", "64",
+                "--model.export_path", "null"]
     common = ["--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
               "--trainer.devices", "1", "--trainer.fast_dev_run", "1", *data_overrides(config, voc, out)]
     if is_labeler(config):
@@ -65,3 +69,33 @@ def test_configs_stack_on_the_base(capsys):
     assert printed["trainer"]["max_steps"] == 7 and printed["trainer"]["val_check_interval"] == 2000
     assert printed["model"]["class_path"].endswith("SegmentationStudent")
     assert printed["data"]["init_args"]["labeler"]["class_path"].endswith("CLIPESLabeler")
+
+
+@pytest.mark.slow
+def test_both_synthetic_configs_run_at_once_without_touching_each_others_files(tmp_path):
+    """The README's two embedded-default commands, started together from one folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    quiet = ["--trainer.enable_progress_bar", "false"]
+    fit = [sys.executable, "-m", "lightning_clipes.cli", "fit", "-c", str(EXPERIMENTS / "synthetic.yaml"),
+           "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", *quiet]
+    predict = [sys.executable, "-m", "lightning_clipes.cli", "predict", "-c",
+               str(EXPERIMENTS / "synthetic_pseudo_labels.yaml"), *quiet]
+    runs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for cmd in (fit, predict)]
+    for run in runs:
+        out, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["synthetic", "synthetic_pseudo_labels"]
+    fit_ids = read_ids(tmp_path / "outputs" / "synthetic" / "VOC2012")
+    predict_ids = read_ids(tmp_path / "outputs" / "synthetic_pseudo_labels" / "VOC2012")
+    assert fit_ids and predict_ids
+    store = tmp_path / "outputs" / "synthetic_pseudo_labels" / "pseudo_labels"
+    assert sorted(p.stem for p in (store / "masks").glob("*.png")) == predict_ids["train"]
+
+
+def read_ids(root: Path) -> dict:
+    return {split.stem: split.read_text().split() for split in (root / "ImageSets" / "Segmentation").glob("*.txt")}

@@ -133,3 +133,36 @@ def test_ensure_skips_a_complete_dataset_and_rewrites_otherwise(tmp_path):
     ensure_synthetic_voc(root, num_train=3, num_val=1, seed=9)  # other parameters: rewritten
     assert json.loads((root / ".synthetic_complete").read_text())["seed"] == 9
     assert snapshot(root) == snapshot(write_synthetic_voc(tmp_path / "w", num_train=3, num_val=1, seed=9))
+
+
+def _ensure_and_log(root, log):
+    """In a child process: ensure the dataset, noting in ``log`` each time it is really written."""
+    import lightning_clipes.data.synthetic as synthetic
+
+    import functools
+
+    original = synthetic.write_synthetic_voc
+
+    @functools.wraps(original)
+    def write(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write("written\n")
+        return original(*args, **kwargs)
+
+    synthetic.write_synthetic_voc = write
+    synthetic.ensure_synthetic_voc(root, num_train=24, num_val=8)
+
+
+def test_jobs_that_start_together_on_one_root_write_it_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "writes.log"
+    procs = [ctx.Process(target=_ensure_and_log, args=(tmp_path / "VOC2012", log)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert log.read_text() == "written\n"
+    assert len(read_split(tmp_path / "VOC2012", "train")) == 24

@@ -13,11 +13,13 @@ can tell a finished dataset from one a killed process left half-written.
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import fcntl
 import inspect
 import json
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -178,6 +180,28 @@ def write_synthetic_voc(
     return root
 
 
+@contextlib.contextmanager
+def writer_lock(root: PathLike) -> Iterator[None]:
+    """Hold ``<root>.lock`` (an exclusive ``flock``) while a dataset is checked and written, so that two
+    jobs that start on the same root at once write it once: the second waits, then finds it complete."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def marker_matches(marker: Path, params: dict) -> bool:
+    """The dataset's completion marker records exactly ``params`` (a damaged marker counts as missing)."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == params
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def ensure_synthetic_voc(root: PathLike, **kwargs) -> Path:
     """Write the dataset unless ``root`` already holds a complete one with the same parameters.
 
@@ -189,7 +213,8 @@ def ensure_synthetic_voc(root: PathLike, **kwargs) -> Path:
     Only the marker is checked, not the files: when ``root/.synthetic_complete`` records the same
     parameters nothing is touched, even if an image was deleted since. A missing or unreadable marker,
     or different parameters, means a full rewrite (so a half-written dataset from a killed process is
-    redone). Delete the marker to force a rewrite.
+    redone). Delete the marker to force a rewrite. Jobs that start at once on one root write it once
+    (:func:`writer_lock`).
     """
     try:
         bound = inspect.signature(write_synthetic_voc).bind(root, **kwargs)
@@ -200,10 +225,9 @@ def ensure_synthetic_voc(root: PathLike, **kwargs) -> Path:
     arguments.pop("root")
     params = _params(**arguments)
     marker = Path(root) / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")) == params:
-                return Path(root)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # a damaged marker counts as missing
-    return write_synthetic_voc(root, **arguments)
+    if marker_matches(marker, params):
+        return Path(root)
+    with writer_lock(root):  # another job may be writing it right now
+        if marker_matches(marker, params):
+            return Path(root)
+        return write_synthetic_voc(root, **arguments)
