@@ -147,8 +147,20 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
         if (scripted or _is_openai_state_dict(ckpt)) and quick_gelu is not False:
             # OpenAI format: architecture inferred from the tensors, QuickGELU, fp16 round-trip as OpenAI's loader.
             sd = {k: v for k, v in ckpt.items() if not k.endswith("attn_mask")}  # scripted buffers, not weights
-            model = build_model_from_openai_state_dict(sd, quick_gelu=True)
-            return model, "ViT-B-16"  # every OpenAI CLIP uses the same BPE tokenizer
+            try:
+                model = build_model_from_openai_state_dict(sd, quick_gelu=True)
+                return model, "ViT-B-16"  # every OpenAI CLIP uses the same BPE tokenizer
+            except (RuntimeError, ValueError) as err:  # e.g. a config of ours (MLP ratio 2) as a plain state dict
+                if scripted or model_name not in open_clip.list_models():
+                    raise
+                model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+                try:
+                    model.load_state_dict(sd)
+                except RuntimeError:
+                    raise ValueError(f"{path} is neither an OpenAI-architecture CLIP nor weights of {model_name!r} "
+                                     f"({str(err).splitlines()[-1].strip()}). Set model_name to the weights' "
+                                     "architecture.") from err
+                return model, model_name
         model = open_clip.create_model(model_name, pretrained=str(path), force_quick_gelu=bool(quick_gelu))
         return model, model_name
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
