@@ -1,0 +1,152 @@
+"""Pseudo-label quality in the toy world: CAM / + CAA / + CRF mIoU of CLIP-ES with the shipped toy CLIP.
+
+    python benchmarks/toy_world_quality.py [--images 200] [--split train] [--weights PATH] [--panels DIR]
+
+Rows: the trained toy CLIP; the same architecture with random weights (chance level); and the
+paper's ablations with the trained weights: no background words, and plain GradCAM (gradient of
+the class logit instead of its softmax probability). mIoU with background over ``1 + 10`` classes,
+accumulated over the first ``--images`` images of the split (the world is written first when
+``--root`` does not hold it). The CRF runs on the CAA maps with the paper's parameters and with
+its two spatial widths scaled to the image size (the paper's were made for ~500 px images).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from lightning_clipes.components.clip_loader import load_clip
+from lightning_clipes.components.clipes import CLIPES
+from lightning_clipes.components.crf import CRFParams, crf_label
+from lightning_clipes.components.pseudo_mask import cams_to_label, class_ids, scores_with_background
+from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, ToyWorldSource
+from lightning_clipes.data.voc_format import load_mask, load_rgb
+from lightning_clipes.toy_clip import TOY_CLIP_NAME, TOY_CLIP_WEIGHTS, TOY_TEMPLATE
+
+NUM_CLASSES = 1 + len(TOY_CLASSES)
+
+
+def scaled_crf(params: CRFParams, image_side: int, reference_side: int = 500) -> CRFParams:
+    """The CRF's spatial widths scaled from ``reference_side`` px images to ``image_side`` (not below 1)."""
+    f = image_side / reference_side
+    return dataclasses.replace(params, gaussian_sxy=max(1.0, params.gaussian_sxy * f),
+                               bilateral_sxy=max(1.0, params.bilateral_sxy * f))
+
+
+def read_items(root: Path, split: str, count: int):
+    """The first ``count`` images of a split: (ids, images (H, W, 3) uint8, labels, ground truths (H, W) uint8)."""
+    data = ToyWorldSource(root).read(split)
+    n = min(count, len(data.ids))
+    return (data.ids[:n], [load_rgb(p) for p in data.image_paths[:n]], data.labels[:n],
+            [load_mask(p) for p in data.gt_paths[:n]])
+
+
+def class_maps(clipes: CLIPES, images, labels, batch_size: int = 16):
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        out += clipes([clipes.preprocess(im) for im in chunk], labels[i : i + batch_size], [im.shape[:2] for im in chunk])
+    return out
+
+
+def confmat(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    keep = gt != 255
+    return np.bincount(NUM_CLASSES * gt[keep].astype(np.int64) + pred[keep], minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES)
+
+
+def miou(cm: np.ndarray) -> float:
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return float(np.nanmean(np.where(union > 0, tp / np.maximum(union, 1), np.nan)))
+
+
+def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> dict:
+    """mIoU (%) of the CAM and CAA label maps and of the CRF on the CAA scores, one value per CRF setting."""
+    cms = {k: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for k in ["cam", "caa", *range(len(crfs))]}
+    preds = []
+    for m, image, gt in zip(maps, images, gts):
+        cam = cams_to_label(m.cams_raw, m.keys, bg_power).numpy()
+        caa = cams_to_label(m.cams, m.keys, bg_power).numpy()
+        cms["cam"] += confmat(cam, gt)
+        cms["caa"] += confmat(caa, gt)
+        row = [cam, caa]
+        scores = scores_with_background(m.cams, bg_power).numpy()
+        for j, params in enumerate(crfs):
+            winner, _ = crf_label(image, scores, params)
+            crf = class_ids(torch.from_numpy(winner), m.keys).numpy()
+            cms[j] += confmat(crf, gt)
+            row.append(crf)
+        preds.append(row)
+    return {k: 100 * miou(v) for k, v in cms.items()}, preds
+
+
+def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
+    """image | CAM | CAA | CRF | GT (the strongest map over the image's classes, then the label maps)."""
+    from PIL import Image
+
+    from lightning_clipes.visualize import colour_mask, heatmap, tile_row
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, len(ids))):
+        m = maps[i]
+        tiles = [images[i], heatmap(m.cams_raw.max(0).values.numpy()), heatmap(m.cams.max(0).values.numpy()),
+                 colour_mask(preds[i][0], images[i]), colour_mask(preds[i][1], images[i]),
+                 colour_mask(preds[i][-1], images[i]), colour_mask(gts[i])]
+        big = [np.asarray(Image.fromarray(t).resize((192, 192), Image.NEAREST)) for t in tiles]
+        Image.fromarray(tile_row(big)).save(folder / f"{tag}_{ids[i]}.png")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="outputs/toy_world/VOC2012", help="the toy world (written if missing)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--model_name", default=TOY_CLIP_NAME)
+    parser.add_argument("--weights", default=str(TOY_CLIP_WEIGHTS))
+    parser.add_argument("--template", default=TOY_TEMPLATE)
+    parser.add_argument("--box_threshold", type=float, default=0.4)
+    parser.add_argument("--affinity_layers", type=int, default=4)
+    parser.add_argument("--bg_power", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the random-weights row")
+    parser.add_argument("--rows", default="trained,random,no_background,plain_gradcam")
+    parser.add_argument("--panels", default=None, help="folder for image | CAM | CAA | CAM-mask | CAA-mask | CRF | GT pictures")
+    parser.add_argument("--num_panels", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    root = Path(args.root)
+    ToyWorldSource(root).prepare()
+    ids, images, labels, gts = read_items(root, args.split, args.images)
+    side = int(np.median([max(im.shape[:2]) for im in images]))
+    crfs = [CRFParams(), scaled_crf(CRFParams(), side)]
+    rows = {}
+    for row in args.rows.split(","):
+        start = time.perf_counter()
+        torch.manual_seed(args.seed)
+        clip = load_clip(args.model_name, None if row == "random" else args.weights)
+        background = [] if row == "no_background" else list(TOY_BACKGROUNDS)
+        clipes = CLIPES(clip, list(TOY_CLASSES), background, [args.template], box_threshold=args.box_threshold,
+                        affinity_layers=min(args.affinity_layers, len(clip.model.visual.transformer.resblocks)),
+                        softmax=row != "plain_gradcam")
+        maps = class_maps(clipes, images, labels)
+        rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
+        if args.panels:
+            save_panels(Path(args.panels), ids, images, maps, preds, gts, row, args.num_panels)
+        rows[row]["seconds"] = time.perf_counter() - start
+    print(f"\n{len(ids)} images of {args.split} ({root}), template {args.template!r}, box {args.box_threshold}, "
+          f"affinity layers {args.affinity_layers}, bg power {args.bg_power}; CRF scaled: sxy "
+          f"{crfs[1].gaussian_sxy:g}/{crfs[1].bilateral_sxy:g}\n")
+    print("| labeler | CAM | + CAA | + CRF (paper) | + CRF (scaled) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row, r in rows.items():
+        print(f"| {row} | {r['cam']:.1f} | {r['caa']:.1f} | {r[0]:.1f} | {r[1]:.1f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
