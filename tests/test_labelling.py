@@ -195,3 +195,24 @@ def test_crf_on_a_huge_image_runs_at_the_capped_size(monkeypatch):
     winner, confidence = labelling.crf_mask(image, scores, CRFParams(), max_side=60)
     assert seen == [(60, 40, 3)] and winner.shape == (300, 200) and confidence.shape == (300, 200)
     assert (winner[:, 110:] == 1).all() and (winner[:, :90] == 0).all()
+
+
+def test_the_embedded_default_config_honours_crf_in_validate_and_predict(tmp_path):
+    """Issue #8's own commands: experiments/synthetic_pseudo_labels.yaml with --model.crf true / false."""
+    config = str(REPO / "experiments" / "synthetic_pseudo_labels.yaml")
+
+    def go(stage, crf, out):
+        return cli_main([stage, "-c", config, "--model.crf", crf, "--data.root", str(tmp_path / "VOC2012"),
+                         "--trainer.default_root_dir", str(tmp_path / out), "--trainer.enable_progress_bar", "false"])
+
+    on = {k: float(v) for k, v in go("validate", "true", "v_on").trainer.callback_metrics.items()}
+    off = {k: float(v) for k, v in go("validate", "false", "v_off").trainer.callback_metrics.items()}
+    assert on["pseudo/mIoU"] == on["pseudo/mIoU_crf"] != off["pseudo/mIoU"] == off["pseudo/mIoU_caa"]
+    assert on["pseudo/mIoU_caa"] == off["pseudo/mIoU_caa"]  # the same maps before the CRF
+    go("predict", "true", "p_on")
+    go("predict", "false", "p_off")
+    ids = read_split(tmp_path / "VOC2012", "train")
+    masks = {out: [load_mask(tmp_path / out / "pseudo_labels" / "masks" / f"{i}.png") for i in ids]
+             for out in ("p_on", "p_off")}
+    assert any((a != b).any() for a, b in zip(masks["p_on"], masks["p_off"]))
+    assert json.loads((tmp_path / "p_on" / "pseudo_labels" / "meta.json").read_text())["labeler"]["crf"] is not None
