@@ -272,17 +272,18 @@ class CLIPESLabeler(L.LightningModule):
         final = "crf" if "crf" in self.confmats else "caa"
         for stage, confmat in self.confmats.items():
             per_class, miou = iou_from_confmat(confmat.compute())  # summed over ranks by torchmetrics
-            # plain floats: torchmetrics summed the matrices over the ranks already (nothing for Lightning to sync)
-            self.log(f"pseudo/mIoU_{stage}", float(miou))
+            # every rank holds the same reduced value; sync_dist averages identical values (and keeps
+            # Lightning from advising it on every rank)
+            self.log(f"pseudo/mIoU_{stage}", float(miou), sync_dist=True)
             if stage == final:
-                self.log("pseudo/mIoU", float(miou), prog_bar=True)
+                self.log("pseudo/mIoU", float(miou), prog_bar=True, sync_dist=True)
                 for name, iou in zip(names, per_class):  # classes absent from ground truth and prediction: NaN
                     if not torch.isnan(iou):
-                        self.log(f"pseudo/IoU/{name}", float(iou))
+                        self.log(f"pseudo/IoU/{name}", float(iou), sync_dist=True)
             confmat.reset()
         pixels, confident, right = self.trainer.strategy.reduce(self.coverage, reduce_op="sum").tolist()
-        self.log("pseudo/confident_fraction", confident / max(pixels, 1.0))
-        self.log("pseudo/confident_accuracy", right / max(confident, 1.0))
+        self.log("pseudo/confident_fraction", confident / max(pixels, 1.0), sync_dist=True)
+        self.log("pseudo/confident_accuracy", right / max(confident, 1.0), sync_dist=True)
         self.coverage.zero_()
         self.failed.update(self._labeller.failed)
         if self.failed:

@@ -283,12 +283,12 @@ class SegmentationStudent(L.LightningModule):
                     "it will fail); validate on a split with ground-truth masks.", stacklevel=2)
             return
         per_class, miou = iou_from_confmat(matrix)
-        # plain floats: torchmetrics already summed the matrix over the ranks, so there is nothing to sync
-        # (a tensor would make Lightning advise sync_dist=True on every rank at every validation)
-        self.log(f"{stage}/mIoU", float(miou), prog_bar=stage == "val")
+        # torchmetrics already summed the matrix over the ranks: every rank holds the same value, and
+        # sync_dist averages identical values (without it Lightning warns on every rank at every validation)
+        self.log(f"{stage}/mIoU", float(miou), prog_bar=stage == "val", sync_dist=True)
         for name, iou in zip(self._class_names(), per_class):
             if not torch.isnan(iou):
-                self.log(f"{stage}/IoU/{name}", float(iou))
+                self.log(f"{stage}/IoU/{name}", float(iou), sync_dist=True)
 
     def _write_predictions(self, preds: list[tuple[str, torch.Tensor]]) -> None:
         root = Path(self.output_dir or self.trainer.default_root_dir) / "predictions"
