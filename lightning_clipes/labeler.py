@@ -55,8 +55,8 @@ class CLIPESLabeler(L.LightningModule):
             per-task count or the affinity mask) minus the data loader's workers and one, 0 on 2 CPUs.
         max_side: cap on the long side of CLIP's input, in pixels (maps and masks stay at full size);
             VOC (≤ 500) and COCO (≤ 640) are never capped, a 5000×4000 photo costs a 1024 px image.
-        precision: ``auto`` (float16 autocast on CUDA like the reference's half-precision CLIP; bfloat16
-            on CPUs with native bf16; else float32), ``32``, ``bf16`` or ``16``.
+        precision: ``auto`` (float16 autocast on CUDA like the reference's half-precision CLIP; float32
+            on CPU, where bf16 measured slower end to end), ``32``, ``bf16`` or ``16``.
         reference_order: GradCAM and CAA in the reference's arithmetic order (slower; for the parity check).
         output_dir: predict's store; default ``<trainer.default_root_dir>/pseudo_labels``. A folder made
             with other settings is refused, naming the difference.

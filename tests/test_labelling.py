@@ -216,3 +216,13 @@ def test_the_embedded_default_config_honours_crf_in_validate_and_predict(tmp_pat
              for out in ("p_on", "p_off")}
     assert any((a != b).any() for a, b in zip(masks["p_on"], masks["p_off"]))
     assert json.loads((tmp_path / "p_on" / "pseudo_labels" / "meta.json").read_text())["labeler"]["crf"] is not None
+
+
+def test_auto_precision_is_float16_on_cuda_and_float32_on_cpu():
+    from lightning_clipes.components.clipes import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == "16"
+    assert resolve_precision("auto", torch.device("cpu")) == "32"  # bf16 measured slower end to end on CPU
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="one of auto, 32, bf16, 16"):
+        resolve_precision("half", torch.device("cpu"))
