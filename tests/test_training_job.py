@@ -98,3 +98,18 @@ def test_wandb_goes_offline_without_a_key_and_does_not_hang(tmp_path, monkeypatc
     ])
     assert os.environ["WANDB_MODE"] == "offline"
     assert list((tmp_path / "wb").rglob("offline-run-*"))
+
+
+def test_a_console_run_shows_val_miou_and_ends_with_a_summary(tmp_path):
+    """What a newcomer sees (issue #12): val/mIoU in the progress bar, then where everything went."""
+    cmd = [sys.executable, "-m", "lightning_clipes.cli", "fit", "-c", SYNTHETIC, "--trainer.max_steps", "4",
+           "--trainer.val_check_interval", "2", "--data.num_train", "8", "--data.num_val", "2"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert "val/mIoU=" in console  # the progress bar's metrics
+    summary = console[console.index("Done: 4 steps."):]
+    assert "best val/mIoU" in summary and "last checkpoint: outputs/synthetic/" in summary
+    assert "pseudo-labels: outputs/synthetic/pseudo_labels/" in summary and "config: outputs/synthetic/" in summary
+    assert (tmp_path / summary.split("last checkpoint: ")[1].split()[0]).is_file()
