@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ register_clip_config(TINY, {
 
 
 def slice_loss(module: ToyCLIP, dm: ToyCaptionDataModule) -> float:
-    images, tokens = next(iter(dm.train_dataloader()))
+    images, tokens, _ = next(iter(dm.train_dataloader()))
     with torch.no_grad():
         img, txt = module.features(images, tokens)
         return float(module.loss(img, txt, module.clip.logit_scale.exp()))
@@ -141,3 +142,15 @@ def test_co_occurrence_and_object_crops_of_the_training_stream():
         if crop is not None:
             image, labels = crop
             assert image.shape == (64, 64, 3) and labels and set(labels) <= set(scene.labels)
+
+
+def test_items_mark_the_classes_their_caption_names():
+    from lightning_clipes.toy_clip import ToyCaptionDataset
+
+    tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
+    data = ToyCaptionDataset(0, FIRST_CLIP_INDEX, 12, 64, tokenizer, p_background=1.0, p_crop=0.5)
+    for i in range(len(data)):
+        _, labels, text = data.image_and_caption(i)
+        _, _, present = data[i]
+        named = {c for c in TOY_CLASSES if f"a {c}" in text}
+        assert {TOY_CLASSES[k] for k in present.nonzero().flatten().tolist()} == named == set(labels)
