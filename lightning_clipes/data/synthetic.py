@@ -114,15 +114,16 @@ def _params(num_train, num_val, classes, image_sizes, max_objects, seed) -> dict
             "image_sizes": sizes, "max_objects": int(max_objects), "seed": int(seed)}
 
 
-def _refuse_foreign_folder(root: Path) -> None:
-    """Stop before overwriting split lists of a real dataset: every image here must be ``synth_*``."""
+def refuse_foreign_folder(root: Path, prefix: str, writer: str, kind: str) -> None:
+    """Stop before overwriting split lists of a real dataset: every image in ``root/JPEGImages`` must
+    start with ``prefix`` (the ids that ``writer`` gives); ``kind`` names such a folder in the message."""
     images = root / "JPEGImages"
     if images.is_dir():
         for entry in os.scandir(images):
-            if not entry.name.startswith(("synth_", ".")):
+            if not entry.name.startswith((prefix, ".")):
                 raise ValueError(
-                    f"{images} holds {entry.name!r}, which write_synthetic_voc did not write; refusing to "
-                    "overwrite what looks like a real dataset. Point root at an empty or synthetic folder."
+                    f"{images} holds {entry.name!r}, which {writer} did not write; refusing to "
+                    f"overwrite what looks like a real dataset. Point root at an empty or {kind} folder."
                 )
 
 
@@ -152,7 +153,7 @@ def write_synthetic_voc(
     """
     params = _params(num_train, num_val, classes, image_sizes, max_objects, seed)
     root = Path(root)
-    _refuse_foreign_folder(root)
+    refuse_foreign_folder(root, "synth_", "write_synthetic_voc", "synthetic")
     for sub in (*_FOLDERS, "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
@@ -202,6 +203,28 @@ def marker_matches(marker: Path, params: dict) -> bool:
         return False
 
 
+def ensure_written(write, params_of, marker_name: str, root: PathLike, kwargs: dict, caller: str) -> Path:
+    """``write(root, **kwargs)`` unless ``root/marker_name`` records ``params_of(**arguments)`` already.
+
+    The marker is checked before and again under :func:`writer_lock`, so that jobs that start together
+    write the dataset once. Unknown keywords raise TypeError naming ``caller``.
+    """
+    try:
+        bound = inspect.signature(write).bind(root, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{caller}: {err}; it takes the keywords of {write.__name__}.") from err
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("root")
+    marker, params = Path(root) / marker_name, params_of(**arguments)
+    if marker_matches(marker, params):
+        return Path(root)
+    with writer_lock(root):  # another job may be writing it right now
+        if marker_matches(marker, params):
+            return Path(root)
+        return write(root, **arguments)
+
+
 def ensure_synthetic_voc(root: PathLike, **kwargs) -> Path:
     """Write the dataset unless ``root`` already holds a complete one with the same parameters.
 
@@ -216,18 +239,4 @@ def ensure_synthetic_voc(root: PathLike, **kwargs) -> Path:
     redone). Delete the marker to force a rewrite. Jobs that start at once on one root write it once
     (:func:`writer_lock`).
     """
-    try:
-        bound = inspect.signature(write_synthetic_voc).bind(root, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"ensure_synthetic_voc: {err}; it takes the keywords of write_synthetic_voc.") from err
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop("root")
-    params = _params(**arguments)
-    marker = Path(root) / MARKER
-    if marker_matches(marker, params):
-        return Path(root)
-    with writer_lock(root):  # another job may be writing it right now
-        if marker_matches(marker, params):
-            return Path(root)
-        return write_synthetic_voc(root, **arguments)
+    return ensure_written(write_synthetic_voc, _params, MARKER, root, kwargs, "ensure_synthetic_voc")

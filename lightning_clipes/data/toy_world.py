@@ -17,7 +17,6 @@ uses other indices of the same world, see ``lightning_clipes.toy_clip``).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from lightning_clipes.data.sources import VOCSource
-from lightning_clipes.data.synthetic import _annotation_xml, marker_matches, writer_lock
+from lightning_clipes.data.synthetic import _annotation_xml, ensure_written, refuse_foreign_folder
 from lightning_clipes.data.voc_format import save_mask_png
 
 PathLike = Union[str, os.PathLike]
@@ -282,18 +281,6 @@ def _params(num_train, num_val, num_test, image_size, seed) -> dict:
             "image_size": int(image_size), "seed": int(seed)}
 
 
-def _refuse_foreign_folder(root: Path) -> None:
-    """Stop before overwriting split lists of a real dataset: every image here must be ``toy_*``."""
-    images = root / "JPEGImages"
-    if images.is_dir():
-        for entry in os.scandir(images):
-            if not entry.name.startswith(("toy_", ".")):
-                raise ValueError(
-                    f"{images} holds {entry.name!r}, which write_toy_world did not write; refusing to "
-                    "overwrite what looks like a real dataset. Point root at an empty or toy-world folder."
-                )
-
-
 def split_ids(num_train: int, num_val: int, num_test: int) -> dict[str, list[str]]:
     """Image ids of each split: ``toy_000000`` … in the order train, val, test (id number = scene index)."""
     bounds = np.cumsum([0, num_train, num_val, num_test])
@@ -317,7 +304,7 @@ def write_toy_world(
     """
     params = _params(num_train, num_val, num_test, image_size, seed)
     root = Path(root)
-    _refuse_foreign_folder(root)
+    refuse_foreign_folder(root, "toy_", "write_toy_world", "toy-world")
     for sub in (*_FOLDERS, "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
@@ -351,20 +338,7 @@ def ensure_toy_world(root: PathLike, **kwargs) -> Path:
     Args and return as :func:`write_toy_world`. Only the marker is checked, not the files; a missing
     or damaged marker, or different parameters, means a full rewrite. Delete the marker to force one.
     """
-    try:
-        bound = inspect.signature(write_toy_world).bind(root, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"ensure_toy_world: {err}; it takes the keywords of write_toy_world.") from err
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop("root")
-    marker, params = Path(root) / MARKER, _params(**arguments)
-    if marker_matches(marker, params):
-        return Path(root)
-    with writer_lock(root):  # another job may be writing it right now
-        if marker_matches(marker, params):
-            return Path(root)
-        return write_toy_world(root, **arguments)
+    return ensure_written(write_toy_world, _params, MARKER, root, kwargs, "ensure_toy_world")
 
 
 class ToyWorldSource(VOCSource):
