@@ -370,6 +370,17 @@ def test_fit_script_header_asks_for_one_task_per_gpu_and_requeue(script):
     assert re.search(r'^CONDA_ENV=', text, re.M) and re.search(r'^VENV=', text, re.M)
 
 
+def printed_config(clipes_args, capsys, monkeypatch) -> dict:
+    """The config that ``clipes <clipes_args>`` would run, resolved by ``--print_config`` in the repository
+    (where the scripts run clipes: their config paths are relative to it)."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*clipes_args, "--print_config"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err[-3000:]
+    return yaml.safe_load(out.out)
+
+
 @pytest.mark.parametrize("script", FIT_SCRIPTS, ids=[s.stem for s in FIT_SCRIPTS])
 def test_fit_script_srun_line_with_its_defaults_parses_with_the_cli(script, tmp_path, capsys, monkeypatch):
     opts = sbatch_options(script)
@@ -382,12 +393,7 @@ def test_fit_script_srun_line_with_its_defaults_parses_with_the_cli(script, tmp_
     assert clipes_args[clipes_args.index("--trainer.devices") + 1] == opts["ntasks-per-node"]
     assert clipes_args[clipes_args.index("--trainer.num_nodes") + 1] == opts["nodes"]
 
-    monkeypatch.chdir(REPO)  # the script runs clipes in the repository (configs are relative to it)
-    with pytest.raises(SystemExit) as exit_:
-        cli_main([*clipes_args, "--print_config"])
-    out = capsys.readouterr()
-    assert exit_.value.code == 0, out.err[-3000:]
-    config = yaml.safe_load(out.out)
+    config = printed_config(clipes_args, capsys, monkeypatch)
     trainer, data = config["trainer"], config["data"]["init_args"]
     assert (str(trainer["devices"]), str(trainer["num_nodes"])) == (opts["ntasks-per-node"], opts["nodes"])
     # ... sizes that Lightning accepts inside the allocation the header asks for (last task of the last node)
@@ -420,12 +426,7 @@ def test_fit_script_runs_the_experiment_named_by_config_with_its_data_root(scrip
     assert clipes_args[-2:] == ["--trainer.max_steps", "3"]
     assert "--data.labeler.init_args.pretrained" not in clipes_args
 
-    monkeypatch.chdir(REPO)
-    with pytest.raises(SystemExit) as exit_:
-        cli_main([*clipes_args, "--print_config"])
-    out = capsys.readouterr()
-    assert exit_.value.code == 0, out.err[-3000:]
-    config = yaml.safe_load(out.out)
+    config = printed_config(clipes_args, capsys, monkeypatch)
     trainer, data = config["trainer"], config["data"]["init_args"]
     sizes = (str(trainer["devices"]), str(trainer["num_nodes"]), trainer["max_steps"])
     assert sizes == (opts["ntasks-per-node"], opts["nodes"], 3)
