@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="a checkout of linyq2117/CLIP-ES (optional)")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", default="32,auto", help="ours, comma-separated: 32, bf16, 16, auto")
+    parser.add_argument("--precisions", help="ours, comma-separated: 32, bf16, 16, auto; the CRF row uses the last "
+                        "(default: 32,16 on CUDA, bf16,32 on CPU: both ending with what auto picks there)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--no-crf", action="store_true", help="skip the rows with the CRF")
@@ -99,6 +100,8 @@ def main() -> None:
                         "a GPU machine); its images/s is compared")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.precisions is None:
+        args.precisions = "32,16" if args.device == "cuda" else "bf16,32"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
