@@ -66,6 +66,14 @@ def check_clip_weights(init_args: Any, flag: str) -> None:
     pretrained, model_name = init_args.get("pretrained"), init_args.get("model_name", "ViT-B-16")
     if pretrained is None:
         return
+    if pretrained == "shipped":  # lightning_clipes/weights/<model_name>.pt
+        from lightning_clipes.components.clip_loader import shipped_weights
+
+        try:
+            shipped_weights(model_name)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{flag}pretrained shipped: {err}") from None
+        return
     path = Path(os.path.expanduser(str(pretrained)))
     if path.exists():
         if not path.is_file():

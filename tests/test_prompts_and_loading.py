@@ -23,10 +23,11 @@ def test_builtin_vocabularies_have_the_published_sizes():
     assert VOC_PROMPT_NAMES[14] == "person with clothes,people,human"
     assert set(VOC_BACKGROUND) - set(COCO_BACKGROUND) == {"keyboard", "sign"}
     assert create_vocabulary("coco")[25] == "umbrella,parasol"
+    assert create_vocabulary("toy")[0] == "boat" and create_background("toy")[0] == "water"  # the toy world's words
 
 
 def test_vocabulary_errors_tell_what_to_do():
-    with pytest.raises(ValueError, match=r"\['coco', 'voc'\]"):
+    with pytest.raises(ValueError, match=r"\['coco', 'toy', 'voc'\]"):
         create_vocabulary("cityscapes")
     with pytest.raises(ValueError, match="duplicate"):
         create_vocabulary(["cat", "dog", "cat"])
@@ -107,6 +108,13 @@ def test_missing_weights_name_the_flag_and_the_file(tmp_path):
     with pytest.raises(ValueError, match="Could not read CLIP weights .*garbage.pt: it is not a PyTorch checkpoint") as err:
         load_clip("ViT-B-16", str(garbage))
     assert "weights_only=False" not in str(err.value)
+
+
+def test_shipped_weights_are_found_by_model_name_or_named_in_the_error():
+    clip = load_clip("clipes-toy-ViT", "shipped")
+    assert float(clip.model.logit_scale.exp()) > 1 and clip.model.visual.conv1.weight.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match=r"ships no weights for 'ViT-B-16' \(it has: clipes-toy-ViT\)"):
+        load_clip("ViT-B-16", "shipped")
 
 
 def test_a_pickled_object_is_refused_without_advice_to_unpickle_it(tmp_path):

@@ -24,6 +24,8 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED = "shipped"  # pretrained tag: the weights the package ships for model_name (weights/<model_name>.pt)
 _MISSING_WEIGHTS_HELP = (
     "Set the labeler's pretrained (--model.pretrained in clipes predict/validate, "
     "--data.labeler.init_args.pretrained in clipes fit) to a local OpenAI-format checkpoint (CLIP-ES uses ViT-B-16.pt from "
@@ -139,6 +141,8 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
     """Return (model, tokenizer model name)."""
     if pretrained is None:
         return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu)), model_name
+    if pretrained == SHIPPED:
+        pretrained = str(shipped_weights(model_name))
     path = Path(os.path.expanduser(pretrained))
     if path.is_file():
         ckpt, scripted = _read_checkpoint(path)
@@ -183,6 +187,16 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
     return model, model_name
 
 
+def shipped_weights(model_name: str) -> Path:
+    """The file behind ``pretrained: shipped``: weights that come with the package (the toy CLIP's)."""
+    path = _WEIGHTS_DIR / f"{model_name}.pt"
+    if not path.is_file():
+        have = sorted(p.stem for p in _WEIGHTS_DIR.glob("*.pt"))
+        raise FileNotFoundError(f"The package ships no weights for {model_name!r} (it has: {', '.join(have) or 'none'}). "
+                                f"{_MISSING_WEIGHTS_HELP}")
+    return path
+
+
 def check_supported(visual: nn.Module) -> None:
     """Raise a clear error for open_clip towers CLIP-ES cannot run on (needs a plain ViT with MHA blocks)."""
     if not isinstance(visual, VisionTransformer):
@@ -205,7 +219,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
     Args:
         model_name: open_clip model name (``ViT-B-16``, or one registered with :func:`register_clip_config`).
             Ignored for OpenAI-format files, whose architecture is read off the tensors.
-        pretrained: a pretrained tag, a path to an OpenAI ``.pt`` (TorchScript or state dict) or an
+        pretrained: a pretrained tag, ``"shipped"`` (the weights in ``lightning_clipes/weights/``), a path to an OpenAI ``.pt`` (TorchScript or state dict) or an
             open_clip checkpoint, or ``None`` for random weights.
         quick_gelu: ``None`` = automatic (OpenAI-format files use QuickGELU); ``False`` loads a plain
             state dict through open_clip with ``model_name``'s own activation.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_clipes.components.vit_tokens import block_forward
+from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES
 
 CLIPES_TEMPLATE = "a clean origami {}."
 
@@ -51,8 +52,9 @@ VOC_BACKGROUND = (
 )
 COCO_BACKGROUND = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
 
-VOCABULARIES: dict[str, tuple[str, ...]] = {"voc": VOC_PROMPT_NAMES, "coco": COCO_PROMPT_NAMES}
-BACKGROUNDS: dict[str, tuple[str, ...]] = {"voc": VOC_BACKGROUND, "coco": COCO_BACKGROUND, "none": ()}
+VOCABULARIES: dict[str, tuple[str, ...]] = {"voc": VOC_PROMPT_NAMES, "coco": COCO_PROMPT_NAMES, "toy": TOY_CLASSES}
+BACKGROUNDS: dict[str, tuple[str, ...]] = {"voc": VOC_BACKGROUND, "coco": COCO_BACKGROUND, "toy": TOY_BACKGROUNDS,
+                                           "none": ()}
 
 Vocabulary = Union[str, Sequence[str]]
 
@@ -75,7 +77,7 @@ def _resolve(value: Vocabulary, registry: dict[str, tuple[str, ...]], what: str)
 
 
 def create_vocabulary(value: Vocabulary) -> list[str]:
-    """Foreground prompt names: a built-in name (``voc``, ``coco``), a class-list file (one class per
+    """Foreground prompt names: a built-in name (``voc``, ``coco``, ``toy``), a class-list file (one class per
     line, synonyms after commas, as :class:`~lightning_clipes.data.sources.FolderSource` reads it) or a
     list of free-text class names."""
     if isinstance(value, str) and value not in VOCABULARIES and Path(value).expanduser().is_file():
@@ -89,7 +91,7 @@ def create_vocabulary(value: Vocabulary) -> list[str]:
 
 
 def create_background(value: Vocabulary) -> list[str]:
-    """Background words: a built-in list (``voc``, ``coco``, ``none``) or a list of words."""
+    """Background words: a built-in list (``voc``, ``coco``, ``toy``, ``none``) or a list of words."""
     return _resolve(value, BACKGROUNDS, "background vocabulary")
 
 
