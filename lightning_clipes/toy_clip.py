@@ -1,8 +1,8 @@
 """Train the package's tiny CLIP in the toy world (``clipes fit -c experiments/toy_clip.yaml``).
 
 ``ToyCLIP`` is an open_clip ``CLIP`` built from a registered config (``clipes-toy-ViT``: a ViT with
-8-px patches, a 16×16 grid at 128 px and mean pooling over patch tokens after ``ln_post``, the
-image feature CLIP-ES differentiates through), trained with open_clip's ``ClipLoss`` on
+8-px patches, a 16×16 grid at 128 px and the class token as image feature, as OpenAI's CLIP; CLIP-ES
+itself differentiates through the mean of the patch tokens either way), trained with open_clip's ``ClipLoss`` on
 (image, caption) pairs that ``ToyCaptionDataModule`` draws from the toy world
 (:mod:`lightning_clipes.data.toy_world`) at scene indices no dataset split uses. At the end of
 ``fit`` the weights are exported in the compact format that ``load_clip`` reads
@@ -171,7 +171,8 @@ class ToyCaptionDataModule(L.LightningDataModule):
 
 
 def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
-    """open_clip's ViT forward with mean pooling, for any image size and with optional token dropout.
+    """open_clip's ViT forward (class token or mean of the patch tokens, as the config's ``pool_type``),
+    for any image size and with optional token dropout.
 
     The positional embedding is resized bilinearly to the grid as the labeler does (method §2; at
     the native grid it is unchanged). ``keep < 1`` keeps a random ``keep`` fraction of the patch
@@ -193,7 +194,9 @@ def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor, keep: flo
         x = x.gather(1, order[..., None].expand(-1, -1, x.shape[2]))
     cls = (visual.class_embedding + pos[0]).to(x.dtype).expand(x.shape[0], 1, -1)
     x = visual.transformer(visual.ln_pre(torch.cat([cls, x], dim=1)))
-    return visual.ln_post(x)[:, 1:].mean(dim=1) @ visual.proj
+    x = visual.ln_post(x)
+    pooled = x[:, 0] if getattr(visual, "pool_type", "avg") == "tok" else x[:, 1:].mean(dim=1)
+    return pooled @ visual.proj
 
 
 @torch.no_grad()

@@ -26,6 +26,13 @@ register_clip_config(TINY, {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 })
 
+TINY_CLS = "toy-test-cls-ViT"
+register_clip_config(TINY_CLS, {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "pool_type": "tok"},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+})
+
 
 def slice_loss(module: ToyCLIP, dm: ToyCaptionDataModule) -> float:
     images, tokens, _ = next(iter(dm.train_dataloader()))
@@ -73,6 +80,8 @@ def test_image_encoder_matches_open_clip_and_takes_other_sizes():
     assert torch.allclose(encode_image_tokens(module.clip.visual, x), module.clip.encode_image(x), atol=1e-5)
     assert encode_image_tokens(module.clip.visual, torch.randn(1, 3, 48, 80)).shape == (1, 32)
     assert encode_image_tokens(module.clip.visual, x, keep=0.5).shape == (2, 32)
+    cls_pooled = ToyCLIP(model_name=TINY_CLS)  # the shipped config's pooling: the class token
+    assert torch.allclose(encode_image_tokens(cls_pooled.clip.visual, x), cls_pooled.clip.encode_image(x), atol=1e-5)
 
 
 def test_training_steps_lower_the_loss(trained):
