@@ -24,6 +24,8 @@ _EXPORTS = {
     "SegmentationStudent": "lightning_clipes.student",
     "VOCSegmentationDataModule": "lightning_clipes.data.segmentation_datamodule",
     "SyntheticSegmentationDataModule": "lightning_clipes.data.segmentation_datamodule",
+    "ToyWorldDataModule": "lightning_clipes.data.segmentation_datamodule",
+    "ToyWorldSource": "lightning_clipes.data.toy_world",
     "cli_main": "lightning_clipes.cli",
 }
 __all__ = sorted(_EXPORTS)

@@ -31,6 +31,8 @@ def data_overrides(config: Path, voc: Path, tmp_path: Path) -> list[str]:
                 "--data.labeler.init_args.class_names", str(classes), "--data.split", "train", "--data.val_split", "val"]
     if "Synthetic" in source:
         return ["--data.root", str(tmp_path / "synthetic" / "VOC2012")]
+    if "ToyWorld" in source:  # a few scenes of the toy world, labelled by the shipped toy CLIP
+        return ["--data.root", str(tmp_path / "toy" / "VOC2012"), "--data.num_train", "4", "--data.num_val", "2"]
     return ["--data.root", str(voc), "--data.split", "train"] + ([] if is_labeler(config) else ["--data.val_split", "val"])
 
 
@@ -45,7 +47,8 @@ def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
         return common + ["--trainer.logger", "false", "--data.num_workers", "0", "--model.pretrained", str(ckpt),
                          "--model.affinity_layers", "2"]
     common += ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(out)]  # W&B stays out of tests
-    if "labeler" in str(yaml.safe_load(config.read_text())["data"]) and "Synthetic" not in config.read_text():
+    data = str(yaml.safe_load(config.read_text())["data"])
+    if "labeler" in data and "Synthetic" not in data and "ToyWorld" not in data:
         common += ["--data.labeler.init_args.pretrained", str(ckpt), "--data.labeler.init_args.affinity_layers", "2"]
     return common + [
         "--data.store_dir", str(out / "store"), "--data.num_workers", "0", "--data.crop_size", "32",

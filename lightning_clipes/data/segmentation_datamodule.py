@@ -24,6 +24,7 @@ from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
 from lightning_clipes.data.store_key import source_identity
 from lightning_clipes.data.labeler_datamodule import LabelerDataModule
 from lightning_clipes.data.sources import ImageSource, SyntheticVOCSource, VOCSource
+from lightning_clipes.data.toy_world import ToyWorldSource
 from lightning_clipes.data.voc_format import VOC_CLASSES
 from lightning_clipes.labeler import CLIPESLabeler
 
@@ -263,4 +264,39 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
         kwargs.setdefault("val_split", "val")
         super().__init__(SyntheticVOCSource(root, num_train, num_val, seed), store_dir=store_dir, crop_size=crop_size,
                          scale_range=scale_range, num_workers=num_workers, crf_workers=crf_workers, **kwargs)
+        self.root = self.source.root
+
+
+class ToyWorldDataModule(SegmentationDataModule):
+    """The embedded default for the whole job: the package's toy world (``train`` → ``val``), written by
+    ``prepare_data`` on first use (:mod:`lightning_clipes.data.toy_world`: ten classes, six backgrounds).
+
+    Args:
+        root: where the world is written. num_train, num_val, num_test, image_size, seed: its size,
+            side and seed (the toy CLIP was trained on other scenes of seed 0).
+        Every other argument is :class:`SegmentationDataModule`'s (through ``**kwargs``), with CPU-sized
+        defaults: crops of 96 px (of 128 px images), scales 0.75-1.25, no loader workers, the CRF
+        in this process.
+    """
+
+    def __init__(
+        self,
+        root: str = "outputs/synthetic/VOC2012",
+        num_train: int = 400,
+        num_val: int = 100,
+        num_test: int = 0,
+        image_size: int = 128,
+        seed: int = 0,
+        store_dir: str = "outputs/synthetic/pseudo_labels",
+        crop_size: int = 96,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        num_workers: int = 0,
+        crf_workers: Optional[int] = 0,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("split", "train")
+        kwargs.setdefault("val_split", "val")
+        super().__init__(ToyWorldSource(root, num_train, num_val, num_test, image_size, seed), store_dir=store_dir,
+                         crop_size=crop_size, scale_range=scale_range, num_workers=num_workers,
+                         crf_workers=crf_workers, **kwargs)
         self.root = self.source.root

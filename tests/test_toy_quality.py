@@ -1,0 +1,97 @@
+"""Quality floors in the toy world: pseudo-label mIoU per stage with the shipped toy CLIP, the paper's
+ablations, the distance to random weights, and the student of the embedded default.
+
+The floors sit a few points under what was measured (README, "A toy world where the numbers mean
+something"); a change that lowers segmentation quality below them is a regression. Every figure
+comes from ``CLIPESLabeler.validate`` (the labelling code that predict and fit's pass run too) on
+the first ``IMAGES`` train images of the world (seed 0), which the toy CLIP never saw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+
+from lightning_clipes.cli import cli_main
+from lightning_clipes.components.clip_loader import SHIPPED, shipped_weights
+from lightning_clipes.data.labeler_datamodule import LabelerDataModule
+from lightning_clipes.data.toy_world import ToyWorldSource
+from lightning_clipes.labeler import CLIPESLabeler
+from lightning_clipes.toy_clip import TOY_CLIP_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / "experiments" / "synthetic.yaml"
+IMAGES = 100
+# measured on this slice (README table): CAM 41.2, + CAA 37.6, + CRF 38.4; random weights 10.2 / 11.4 / 12.9;
+# no background words 18.1 / 17.5 / 17.8; plain GradCAM 30.1 / 27.1 / 28.0
+FLOORS = {"cam": 38.0, "caa": 34.5, "crf": 35.5}
+pytestmark = pytest.mark.slow
+
+
+def labeler_settings() -> dict:
+    """The embedded default's labeler, as experiments/synthetic.yaml sets it."""
+    return yaml.safe_load(SYNTHETIC.read_text())["data"]["init_args"]["labeler"]["init_args"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy") / "VOC2012"
+    ToyWorldSource(root, num_train=IMAGES, num_val=0, num_test=0).prepare()
+    return root
+
+
+def pseudo_miou(world: Path, **overrides) -> dict:
+    """pseudo/mIoU per stage (percent) of the embedded default's labeler with ``overrides``."""
+    L.seed_everything(0)
+    labeler = CLIPESLabeler(**{**labeler_settings(), "crf_workers": 0, **overrides})
+    dm = LabelerDataModule(ToyWorldSource(world, num_train=IMAGES, num_val=0, num_test=0), "train", batch_size=16,
+                           num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False)
+    metrics = trainer.validate(labeler, datamodule=dm, verbose=False)[0]
+    return {k.split("_")[-1]: 100 * v for k, v in metrics.items() if k.startswith("pseudo/mIoU_")}
+
+
+@pytest.fixture(scope="module")
+def trained(world) -> dict:
+    return pseudo_miou(world)
+
+
+def test_the_embedded_default_uses_the_shipped_toy_clip():
+    settings = labeler_settings()
+    assert settings["model_name"] == TOY_CLIP_NAME and settings["pretrained"] == SHIPPED
+    assert shipped_weights(TOY_CLIP_NAME).stat().st_size < 8 * 2**20  # a few MB in the package
+
+
+def test_pseudo_label_floors(trained):
+    """Not asserted, because not yet true of the shipped toy CLIP: the paper's CAM < + CAA (issue #10)."""
+    for stage, floor in FLOORS.items():
+        assert trained[stage] >= floor, (stage, trained)
+    assert trained["crf"] > trained["caa"], trained  # the CRF sharpens the CAA maps' edges
+
+
+def test_trained_clip_is_far_above_chance(world, trained):
+    chance = pseudo_miou(world, pretrained=None)
+    assert max(chance.values()) < 15, chance
+    for stage in ("cam", "caa", "crf"):
+        assert trained[stage] >= chance[stage] + 15, (stage, trained, chance)
+
+
+def test_background_words_and_the_softmax_both_matter(world, trained):
+    """The paper's two ablations (its Table 4 and 5): each loses points."""
+    no_background = pseudo_miou(world, background="none")
+    plain = pseudo_miou(world, gradcam="plain")
+    assert no_background["caa"] < trained["caa"] - 10, (no_background, trained)
+    assert plain["caa"] < trained["caa"] - 5, (plain, trained)
+
+
+def test_select_prompt_ranks_the_captions_phrasing_above_nonsense(world, tmp_path):
+    from lightning_clipes.prompt_selection import main as select_prompt
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\nand , on {} on , and.\n")
+    rows = select_prompt(["-c", str(SYNTHETIC), "--data.root", str(world), "--data.num_train", str(IMAGES),
+                          "--data.num_val", "0", "--templates", str(templates), "--max_images", str(IMAGES)])
+    assert [r["template"] for r in rows] == ["a photo of a {}.", "and , on {} on , and."], rows
