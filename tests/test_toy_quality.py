@@ -95,3 +95,14 @@ def test_select_prompt_ranks_the_captions_phrasing_above_nonsense(world, tmp_pat
     rows = select_prompt(["-c", str(SYNTHETIC), "--data.root", str(world), "--data.num_train", str(IMAGES),
                           "--data.num_val", "0", "--templates", str(templates), "--max_images", str(IMAGES)])
     assert [r["template"] for r in rows] == ["a photo of a {}.", "and , on {} on , and."], rows
+
+
+def test_student_of_the_embedded_default_learns_from_the_masks(tmp_path):
+    """The main job, shortened to 100 steps and 50 val scenes: measured val/mIoU 0.105 (the default 300
+    steps on 100 val scenes: 0.174); an all-background guess scores about 0.086, the masks 0.33 on val.
+    A weak floor for a weak student (issue #10): it catches a student that learns nothing."""
+    cli = cli_main(["fit", "-c", str(SYNTHETIC), "--data.root", str(tmp_path / "VOC2012"), "--data.num_val", "50",
+                    "--data.store_dir", str(tmp_path / "store"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--trainer.max_steps", "100", "--trainer.val_check_interval", "100", "--trainer.logger", "false",
+                    "--trainer.enable_progress_bar", "false"])
+    assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.095
