@@ -64,6 +64,8 @@ def test_missing_weights_name_the_flag_of_the_subcommand(no_clip, synthetic_voc,
     assert "--data.labeler.init_args.pretrained" in line and "--model.pretrained" not in line
     line = error_of(["predict", "-c", VOC_PREDICT, "--data.root", str(synthetic_voc), "--model.pretrained", "laion9b"], capsys)
     assert "'laion9b' is neither a file nor a pretrained tag of ViT-B-16" in line and "openai" in line
+    line = error_of(["predict", "-c", VOC_PREDICT, "--data.root", str(synthetic_voc), "--model.pretrained", "shipped"], capsys)
+    assert "--model.pretrained shipped" in line and "ships no weights for 'ViT-B-16' (it has: clipes-toy-ViT)" in line
 
 
 def test_downloads_that_cannot_happen_are_reported_at_once(no_clip, synthetic_voc, monkeypatch, capsys):
