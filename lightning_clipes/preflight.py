@@ -66,7 +66,7 @@ def check_clip_weights(init_args: Any, flag: str) -> None:
     pretrained, model_name = init_args.get("pretrained"), init_args.get("model_name", "ViT-B-16")
     if pretrained is None:
         return
-    if pretrained == "shipped":  # lightning_clipes/weights/<model_name>.pt
+    if pretrained == "shipped":  # clip_loader.SHIPPED, not imported here: it loads open_clip
         from lightning_clipes.components.clip_loader import shipped_weights
 
         try:

@@ -27,11 +27,11 @@ from PIL import Image
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_clipes.components.clip_loader import compact_state_dict
+from lightning_clipes.components.clip_loader import WEIGHTS_DIR, compact_state_dict
 from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, render_scene
 
 TOY_CLIP_NAME = "clipes-toy-ViT"
-TOY_CLIP_WEIGHTS = Path(__file__).resolve().parent / "weights" / f"{TOY_CLIP_NAME}.pt"
+TOY_CLIP_WEIGHTS = WEIGHTS_DIR / f"{TOY_CLIP_NAME}.pt"  # what pretrained: shipped loads for this model
 TOY_TEMPLATE = "a photo of a {}."  # the captions' own phrasing, the labeler's template for this world
 FIRST_CLIP_INDEX = 10_000_000  # scenes from here on train the CLIP; the dataset splits use 0, 1, 2, ...
 FIRST_VAL_INDEX = 20_000_000

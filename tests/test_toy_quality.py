@@ -1,8 +1,8 @@
 """Quality floors in the toy world: pseudo-label mIoU per stage with the shipped toy CLIP, the paper's
 ablations, the distance to random weights, and the student of the embedded default.
 
-The floors sit a few points under what was measured (README, "A toy world where the numbers mean
-something"); a change that lowers segmentation quality below them is a regression. Every figure
+The floors sit a few points under what was measured (README, "What the embedded default's numbers
+mean"); a change that lowers segmentation quality below them is a regression. Every figure
 comes from ``CLIPESLabeler.validate`` (the labelling code that predict and fit's pass run too) on
 the first ``IMAGES`` train images of the world (seed 0), which the toy CLIP never saw.
 """

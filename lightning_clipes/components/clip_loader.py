@@ -24,7 +24,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # weights the package ships
 SHIPPED = "shipped"  # pretrained tag: the weights the package ships for model_name (weights/<model_name>.pt)
 _MISSING_WEIGHTS_HELP = (
     "Set the labeler's pretrained (--model.pretrained in clipes predict/validate, "
@@ -189,9 +189,9 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
 
 def shipped_weights(model_name: str) -> Path:
     """The file behind ``pretrained: shipped``: weights that come with the package (the toy CLIP's)."""
-    path = _WEIGHTS_DIR / f"{model_name}.pt"
+    path = WEIGHTS_DIR / f"{model_name}.pt"
     if not path.is_file():
-        have = sorted(p.stem for p in _WEIGHTS_DIR.glob("*.pt"))
+        have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
         raise FileNotFoundError(f"The package ships no weights for {model_name!r} (it has: {', '.join(have) or 'none'}). "
                                 f"{_MISSING_WEIGHTS_HELP}")
     return path
