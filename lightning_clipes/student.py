@@ -65,10 +65,12 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
     return (1.0 - min(step, total_steps) / total_steps) ** power
 
 
-def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """One row, image | ground truth | prediction over the image: (H, W, 3) uint8, (H, W) uint8 twice ->
-    (H, 3W + 8, 3) uint8 (void = 255 shows in the palette's cream)."""
-    return tile_row([image, colour_mask(gt), colour_mask(pred, image)])
+def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pseudo: Optional[np.ndarray] = None) -> np.ndarray:
+    """One row, image | ground truth | [pseudo-label |] prediction over the image: (H, W, 3) uint8, (H, W) uint8
+    masks -> (H, 3W + 8, 3) uint8, or (H, 4W + 12, 3) with the pseudo-label (void = 255 shows in the
+    palette's cream: ignored pixels of the pseudo-label)."""
+    middle = [colour_mask(pseudo)] if pseudo is not None and pseudo.shape == gt.shape else []
+    return tile_row([image, colour_mask(gt), *middle, colour_mask(pred, image)])
 
 
 class SegmentationStudent(L.LightningModule):
@@ -90,7 +92,9 @@ class SegmentationStudent(L.LightningModule):
         class_names: one name per class, background first, for ``val/IoU/<name>``; default: the
             DataModule's foreground names after ``background`` when their count fits, else indices.
         num_panels: image | ground truth | prediction pictures per validation (rank 0), logged to W&B or
-            TensorBoard, else written to ``<default_root_dir>/val_panels/step<N>/<id>.jpg``.
+            TensorBoard, else written to ``<default_root_dir>/val_panels/step<N>/<id>.jpg``; with the
+            pseudo-label before the prediction for the images the datamodule labelled for pictures
+            (``SegmentationDataModule.panel_pseudo_labels``).
         output_dir: where ``predictions/<id>.png`` go; default ``trainer.default_root_dir``.
         head_lr_mult: LR of the head (everything outside the network's ``encoder``) / the optimizer's LR;
             DeepLab uses 10. Default 1 (one LR for all).
@@ -310,10 +314,12 @@ class SegmentationStudent(L.LightningModule):
         want = self.num_panels - len(self._panels)
         if want <= 0 or self.global_rank != 0 or self.trainer.sanity_checking:
             return
+        pseudo = getattr(self.trainer.datamodule, "panel_labels", None) or {}  # SegmentationDataModule's, when it has them
         for i, (image_id, pred) in enumerate(preds[:want]):
             image = (batch["image"][i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             gt = batch["mask"][i].clamp(0, 255).to(torch.uint8).cpu().numpy()
-            self._panels.append((image_id, image_panel(image, gt, pred.to(torch.uint8).cpu().numpy())))
+            picture = image_panel(image, gt, pred.to(torch.uint8).cpu().numpy(), pseudo.get(image_id))
+            self._panels.append((image_id, picture))
 
     def on_validation_epoch_end(self) -> None:
         self._log_iou("val", self.val_confmat)

@@ -170,3 +170,21 @@ def test_augmentation_follows_torch_seed(synthetic_voc, tmp_path):
     torch.manual_seed(1)
     c = dm.train_set[0]["image"]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pictures_get_the_pseudo_labels_the_pass_stores(synthetic_voc, tiny_openai_ckpt, tmp_path):
+    """The val images labelled for the student's panels (in memory) get the masks the pass writes: with the
+    training split as val split, each equals the store's mask under the same confidence threshold."""
+    dm = make_data(synthetic_voc, tmp_path, make_labeler(tiny_openai_ckpt), val_split="train",
+                   confidence_threshold=0.5, panel_pseudo_labels=2)
+    dm.setup("fit")
+    ids = read_split(synthetic_voc, "train")[:2]
+    assert list(dm.panel_labels) == ids
+    for image_id in ids:
+        mask, confidence = dm.store.read(image_id)
+        expected = apply_confidence_threshold(mask, confidence, 0.5)
+        assert 0 < (expected == 255).sum() < expected.size  # both kinds of pixel occur
+        np.testing.assert_array_equal(dm.panel_labels[image_id], expected)
+    off = make_data(synthetic_voc, tmp_path, make_labeler(tiny_openai_ckpt), panel_pseudo_labels=0)
+    off.setup("fit")
+    assert off.panel_labels == {}

@@ -22,6 +22,7 @@ from lightning_clipes.components.student_factory import (
 )
 from lightning_clipes.data.voc_format import voc_palette
 from lightning_clipes.student import SegmentationStudent
+from lightning_clipes.visualize import colour_mask
 
 # A 1x1 convolution: each pixel's label depends on its own colour only, so labels are predictable.
 register_architecture("test-pixelwise", lambda encoder, weights, n: nn.Conv2d(3, n, 1))
@@ -439,3 +440,24 @@ def test_channels_last_changes_the_layout_not_the_numbers():
     conv = next(m for m in nhwc.model.net.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-4, atol=1e-4)
+
+
+def test_panels_show_the_pseudo_label_the_datamodule_made_for_pictures(tmp_path):
+    """image | ground truth | pseudo-label | prediction when the datamodule has a pseudo-label for the image."""
+    pseudo = np.full((40, 48), 255, np.uint8)  # ignored pixels (cream), the top half class 1
+    pseudo[:20] = 1
+
+    class Data(L.LightningDataModule):
+        panel_labels = {"img0": pseudo}
+
+        def val_dataloader(self):
+            return eval_loader(fixed_eval_set())
+
+    t = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run")
+    t.validate(pixelwise(num_panels=2), datamodule=Data(), verbose=False)
+    pictures = {p.stem: np.asarray(Image.open(p)).astype(int) for p in (tmp_path / "run" / "val_panels").rglob("*.jpg")}
+    assert pictures["img0"].shape == (40, 4 * 48 + 12, 3)
+    third = pictures["img0"][:, 2 * 52:2 * 52 + 48]  # tiles of 48 px with 4-px gaps
+    assert np.abs(third - colour_mask(pseudo).astype(int)).mean() < 8  # JPEG-sized differences only
+    assert pictures["img1"].shape == (33, 3 * 57 + 8, 3)  # no pseudo-label for that image: three tiles

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
+from PIL import Image
 
 from lightning_clipes.cli import cli_main
 from lightning_clipes.components.clip_loader import SHIPPED, shipped_weights
@@ -106,3 +107,6 @@ def test_student_of_the_embedded_default_learns_from_the_masks(tmp_path):
                     "--trainer.max_steps", "100", "--trainer.val_check_interval", "100", "--trainer.logger", "false",
                     "--trainer.enable_progress_bar", "false"])
     assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.095
+    # the pictures: image | ground truth | pseudo-label | prediction, 128-px tiles with 4-px gaps
+    widths = {Image.open(p).size[0] for p in (tmp_path / "run" / "val_panels").rglob("*.jpg")}
+    assert widths == {4 * 128 + 12}

@@ -14,12 +14,16 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_clipes.components.pseudo_mask import apply_confidence_threshold
 from lightning_clipes.data.pseudo_label_pass import RequeueRequested, plan_pass, requeue_slurm_job, run_pass
-from lightning_clipes.data.segmentation_sets import FullImages, GroundTruthReader, PseudoLabelledCrops, train_transform
+from lightning_clipes.data.segmentation_sets import (
+    IGNORE_INDEX, FullImages, GroundTruthReader, PseudoLabelledCrops, train_transform,
+)
 from lightning_clipes.data.store import PseudoLabelStore, atomic_write_bytes
 from lightning_clipes.data.store_key import source_identity
 from lightning_clipes.data.labeler_datamodule import LabelerDataModule
@@ -55,6 +59,9 @@ class SegmentationDataModule(LabelerDataModule):
         max_failed_fraction: stop with an error, before training, when more than this share of the
             split could not be labelled (unreadable files, images too large for the device).
         claim_timeout: seconds after which an image claimed by another host counts as abandoned.
+        panel_pseudo_labels: the first this many images of ``val_split`` are labelled too, in memory, once
+            per fit (rank 0), so that the student's validation panels show image | ground truth |
+            pseudo-label | prediction (:attr:`panel_labels`); 0 = off.
     """
 
     def __init__(
@@ -78,6 +85,7 @@ class SegmentationDataModule(LabelerDataModule):
         cache_dir: Optional[str] = None,
         max_failed_fraction: float = 0.01,
         claim_timeout: float = 600.0,
+        panel_pseudo_labels: int = 4,
     ) -> None:
         super().__init__(source, split, batch_size, num_workers, skip_unreadable)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
@@ -100,11 +108,14 @@ class SegmentationDataModule(LabelerDataModule):
         self.train_set: Optional[PseudoLabelledCrops] = None
         self.store: Optional[PseudoLabelStore] = None
         self.summary: dict = {}
+        self.panel_pseudo_labels = panel_pseudo_labels
+        self.panel_labels: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ stages
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._train_set()
+            self.panel_labels = self._panel_labels()
         if stage in (None, "fit", "validate") and not hasattr(self, "val_set"):
             self.val_set = FullImages(self.build_dataset(self.val_split))
         if stage in ("test", "predict") and not hasattr(self, "test_set"):
@@ -176,6 +187,24 @@ class SegmentationDataModule(LabelerDataModule):
         self.summary = {"store": str(store.root), "images": len(images), "reused": len(images) - len(plan.todo),
                         "labelled": len(plan.todo) - (len(images) - len(ids)), "failed": len(images) - len(ids)}
         return store, ids
+
+    def _panel_labels(self) -> dict[str, np.ndarray]:
+        """Pseudo-labels of the first ``panel_pseudo_labels`` val images, for pictures only (not stored): id ->
+        (H, W) uint8 mask with the pixels under the confidence threshold at 255, as the student's loss sees them."""
+        trainer = self.trainer
+        if self.labeler is None or self.panel_pseudo_labels <= 0 or (trainer is not None and trainer.global_rank != 0):
+            return {}
+        images = self.build_dataset(self.val_split)
+        device = trainer.strategy.root_device if trainer is not None else self.labeler.device
+        self.labeler.to(device)
+        try:
+            with self.labeler.labeller(crf_workers=0) as labeller:
+                done = labeller([images[i] for i in range(min(self.panel_pseudo_labels, len(images)))])
+                done += labeller.finish()
+        finally:
+            self.labeler.cpu()
+        return {d.item["id"]: apply_confidence_threshold(d.mask, d.confidence, self.confidence_threshold, IGNORE_INDEX)
+                for d in done}
 
     def _training_list(self, images, plan, store: PseudoLabelStore) -> tuple[list[str], Optional[str]]:
         """Rank 0's verdict after the pass: the images with a current entry, or why training must not start."""
