@@ -80,7 +80,8 @@ class SegmentationStudent(L.LightningModule):
         num_classes: classes with background (21 for VOC); must match the data's masks.
         arch, encoder_name, encoder_weights: the network, see
             :func:`~lightning_clipes.components.student_factory.create_student` (``encoder_weights: null``
-            = random init, nothing downloaded).
+            = random init, nothing downloaded). ``arch_kwargs``: further keyword arguments of the smp
+            architecture, e.g. ``{decoder_channels: [64, 32, 32, 16, 16]}`` (a slimmer U-Net decoder).
         optimizer: built over the parameter groups (see ``head_lr_mult``); in YAML
             ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-4}}``, whose ``lr`` is the backbone's (base)
             LR. Default SGD lr 0.01, momentum 0.9, weight decay 5e-4 (the paper: SGD momentum 0.9, wd 5e-4).
@@ -141,6 +142,7 @@ class SegmentationStudent(L.LightningModule):
         init_checkpoint: Optional[str] = None,
         init_exclude: list[str] = [],  # noqa: B006 (as val_scales)
         channels_last: bool = False,
+        arch_kwargs: Optional[dict] = None,
     ) -> None:
         super().__init__()
         # The optimizer callable is not picklable (a lambda); the CLI's config.yaml records it instead.
@@ -164,7 +166,7 @@ class SegmentationStudent(L.LightningModule):
         if test_crf:
             require_crf()  # fail at start, naming the install command, not after the first validation
         check_group_settings(head_lr_mult, head_bias_lr_mult, head_bias_weight_decay)
-        net = create_student(arch, encoder_name, encoder_weights, num_classes)
+        net = create_student(arch, encoder_name, encoder_weights, num_classes, arch_kwargs)
         if init_checkpoint is not None:
             load_network_weights(net, init_checkpoint, init_exclude)
         elif init_exclude:

@@ -123,6 +123,19 @@ def test_factory_errors_and_normalisation_defaults():
         SegmentationStudent(num_classes=3, arch="test-pixelwise", encoder_weights=None, class_names=["a", "b"])
 
 
+def test_arch_kwargs_reach_the_smp_architecture():
+    def decoder_widths(student):
+        return {m.out_channels for n, m in student.named_modules() if "decoder" in n and isinstance(m, nn.Conv2d)}
+
+    slim = SegmentationStudent(num_classes=3, arch="Unet", encoder_name="resnet18", encoder_weights=None,
+                               arch_kwargs={"decoder_channels": [64, 32, 32, 16, 16]})
+    default = SegmentationStudent(num_classes=3, arch="Unet", encoder_name="resnet18", encoder_weights=None)
+    assert decoder_widths(slim) == {64, 32, 16} and decoder_widths(default) == {256, 128, 64, 32, 16}
+    assert slim.model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="arch_kwargs"):
+        create_student("DeepLabV2", "resnet101", None, 21, {"decoder_channels": [8]})
+
+
 def test_normalisation_read_from_smps_cached_config_without_network(tmp_path, monkeypatch):
     import huggingface_hub
 

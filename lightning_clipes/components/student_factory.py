@@ -48,6 +48,7 @@ def create_student(
     encoder_name: str = "resnet101",
     encoder_weights: Optional[str] = "imagenet",
     num_classes: int = 21,
+    arch_kwargs: Optional[dict] = None,
 ) -> nn.Module:
     """A segmentation network with randomly initialised head (and ImageNet encoder if asked).
 
@@ -58,6 +59,8 @@ def create_student(
         encoder_weights: ``imagenet`` (downloaded once by smp), another tag of that encoder, or
             ``None`` for random weights.
         num_classes: output channels, background included (21 for VOC).
+        arch_kwargs: further keyword arguments of the smp architecture, e.g. ``{"decoder_channels": [64, 32,
+            32, 16, 16]}`` for a slimmer U-Net decoder (not for registered architectures).
     Returns:
         a module mapping (B, 3, H, W) float32 normalised images to (B, num_classes, H, W) logits;
         smp models need H and W divisible by 32 (:class:`PaddedSegmenter` pads for you).
@@ -70,10 +73,13 @@ def create_student(
     key = arch.lower()
     if key not in _CUSTOM_ARCHITECTURES and key not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise ValueError(f"Unknown student architecture {arch!r}; valid names: {available_architectures()}.")
+    if arch_kwargs and key in _CUSTOM_ARCHITECTURES:
+        raise ValueError(f"arch_kwargs are for smp architectures; {arch!r} is a registered one and takes none.")
     try:
         if key in _CUSTOM_ARCHITECTURES:
             return _CUSTOM_ARCHITECTURES[key](encoder_name, encoder_weights, num_classes)
-        return smp.create_model(key, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes)
+        return smp.create_model(key, encoder_name=encoder_name, encoder_weights=encoder_weights, classes=num_classes,
+                                **(arch_kwargs or {}))
     except KeyError as err:  # smp's unknown encoder / unknown weights tag
         raise ValueError(f"{err.args[0]} (set --model.encoder_name / --model.encoder_weights).") from None
     except OSError as err:  # hub download failed (no network, no cache)
