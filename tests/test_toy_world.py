@@ -51,7 +51,7 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
     # scene i does not depend on how many scenes are written
     scene = render_scene(3, 5, 64)
     jpeg = load_rgb(tmp_path / "a" / "JPEGImages" / "toy_000005.jpg").astype(int)
-    assert np.abs(jpeg - scene.image).mean() < 4  # JPEG quality 95
+    assert np.abs(jpeg - scene.image).mean() < 5  # JPEG quality 95 (textured objects: ~4 grey levels)
     assert np.array_equal(scene.mask, load_mask(tmp_path / "a" / "SegmentationClass" / "toy_000005.png"))
 
 
@@ -93,7 +93,7 @@ def test_occlusion_keeps_every_object_visible(scenes):
 
 def test_object_scales_from_small_to_large(scenes):
     sides = [max(x1 - x0, y1 - y0) + 1 for s in scenes for _, (x0, y0, x1, y1) in s.objects]
-    assert min(sides) <= 12 and max(sides) >= 48  # ≈1.5 patches up to half the 96 px image
+    assert min(sides) <= 16 and max(sides) >= 56  # ≈2 patches of 8 px up to well over half the 96 px image
     assert Counter(len(s.objects) for s in scenes).keys() == {1, 2, 3}
 
 

@@ -2,7 +2,7 @@
 
 Every image is a scene: one textured background with its own word (``TOY_BACKGROUNDS``: water, sky,
 road, grass, wall, sand) and 1–3 objects of ten classes (``TOY_CLASSES``), each a shape with its own
-colours and pattern, rotated, from small (≈1.5 ViT patches) to large (half the image). Every class
+colours and pattern, rotated, from small (≈3 ViT patches across) to large (two thirds of the image). Every class
 has a home background it sits on most of the time (a boat on water, a car on road, a clock on a
 wall: ``HOME_BACKGROUND``), the co-occurrence that CLIP-ES's background words are there to break.
 Later objects occlude earlier ones, but never below ``MIN_VISIBLE`` of an object's own pixels, so
@@ -41,7 +41,8 @@ HOME_BACKGROUND: dict[str, str] = {
 P_HOME = 0.8  # the first object's background is its home with this probability
 HOME_WEIGHT = 10.0  # further objects: classes at home on the scene's background are this much likelier
 NUM_OBJECTS_P = (0.4, 0.35, 0.25)  # 1, 2 or 3 objects
-SIZE_RANGE = (0.06, 0.3)  # object half-extent as a fraction of the image side, log-uniform
+SIZE_RANGE = (0.1, 0.35)  # object half-extent as a fraction of the image side, log-uniform (was 0.06-0.3:
+# objects of 1-2 patches made 92 % of the pixels background and the student could not learn them in minutes)
 MIN_VISIBLE = 0.5  # an object keeps at least this fraction of its own pixels (else it is placed again)
 MARKER = ".toy_world_complete"
 _FOLDERS = ("JPEGImages", "Annotations", "SegmentationClass")
