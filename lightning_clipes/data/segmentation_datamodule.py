@@ -113,11 +113,11 @@ class SegmentationDataModule(LabelerDataModule):
 
     # ------------------------------------------------------------------ stages
     def setup(self, stage: Optional[str] = None) -> None:
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._train_set()
-            self.panel_labels = self._panel_labels()
         if stage in (None, "fit", "validate") and not hasattr(self, "val_set"):
             self.val_set = FullImages(self.build_dataset(self.val_split))
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._train_set()
+            self.panel_labels = self._panel_labels(self.val_set.images)
         if stage in ("test", "predict") and not hasattr(self, "test_set"):
             self.test_set = FullImages(self.build_dataset(self.test_split))
 
@@ -188,13 +188,13 @@ class SegmentationDataModule(LabelerDataModule):
                         "labelled": len(plan.todo) - (len(images) - len(ids)), "failed": len(images) - len(ids)}
         return store, ids
 
-    def _panel_labels(self) -> dict[str, np.ndarray]:
-        """Pseudo-labels of the first ``panel_pseudo_labels`` val images, for pictures only (not stored): id ->
-        (H, W) uint8 mask with the pixels under the confidence threshold at 255, as the student's loss sees them."""
+    def _panel_labels(self, images) -> dict[str, np.ndarray]:
+        """Pseudo-labels of the first ``panel_pseudo_labels`` of ``images`` (the val split), for pictures only (not
+        stored): id -> (H, W) uint8 mask with the pixels under the confidence threshold at 255, as the student's
+        loss sees them."""
         trainer = self.trainer
         if self.labeler is None or self.panel_pseudo_labels <= 0 or (trainer is not None and trainer.global_rank != 0):
             return {}
-        images = self.build_dataset(self.val_split)
         device = trainer.strategy.root_device if trainer is not None else self.labeler.device
         self.labeler.to(device)
         try:
