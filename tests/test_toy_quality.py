@@ -69,7 +69,8 @@ def test_the_embedded_default_uses_the_shipped_toy_clip():
 def test_pseudo_label_floors_and_the_papers_ordering(trained):
     for stage, floor in FLOORS.items():
         assert trained[stage] >= floor, (stage, trained)
-    # CAM < + CAA < + CRF as in the paper; the measured margins are small (1.0 and 1.8 points, issue #10)
+    # CAM < + CAA < + CRF as in the paper, on this slice; the margins are small (1.0 and 1.8 points), and over all
+    # 400 train scenes + CAA is still 1.2 under the CAM (36.8 / 35.6 / 37.2; issue #10)
     assert trained["cam"] < trained["caa"] < trained["crf"], trained
 
 
