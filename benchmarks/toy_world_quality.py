@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--model_name", default=TOY_CLIP_NAME)
     parser.add_argument("--weights", default=str(TOY_CLIP_WEIGHTS))
     parser.add_argument("--template", default=TOY_TEMPLATE)
-    parser.add_argument("--box_threshold", type=float, default=0.7, help="the embedded default's (experiments/synthetic.yaml)")
+    parser.add_argument("--box_threshold", type=float, default=0.4)
     parser.add_argument("--affinity_layers", type=int, default=2, help="the embedded default's (experiments/synthetic.yaml)")
     parser.add_argument("--bg_power", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random-weights row")
