@@ -89,7 +89,7 @@ def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> d
             row.append(crf)
         preds.append(row)
     scores = {k: 100 * miou(v) for k, v in cms.items()}
-    scores["per_class"] = {k: 100 * class_iou(cms[k]) for k in ("cam", "caa", 0)}
+    scores["per_class"] = {k: 100 * class_iou(cms[k]) for k in ("cam", "caa", 0) if k in cms}
     return scores, preds
 
 
