@@ -26,6 +26,7 @@ from lightning_clipes.components.crf import CRFParams, crf_label
 from lightning_clipes.components.pseudo_mask import cams_to_label, class_ids, scores_with_background
 from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, ToyWorldSource
 from lightning_clipes.data.voc_format import load_mask, load_rgb
+from lightning_clipes.metrics import iou_from_confmat
 from lightning_clipes.toy_clip import TOY_CLIP_NAME, TOY_CLIP_WEIGHTS, TOY_TEMPLATE
 
 NUM_CLASSES = 1 + len(TOY_CLASSES)
@@ -61,14 +62,12 @@ def confmat(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def class_iou(cm: np.ndarray) -> np.ndarray:
-    """IoU of each class (background first); NaN for a class neither in the ground truth nor predicted."""
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    """Per-class IoU (background first, NaN for a class neither in the ground truth nor predicted)."""
+    return iou_from_confmat(torch.from_numpy(cm))[0].numpy()
 
 
 def miou(cm: np.ndarray) -> float:
-    return float(np.nanmean(class_iou(cm)))
+    return float(iou_from_confmat(torch.from_numpy(cm))[1])
 
 
 def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> dict:
