@@ -170,13 +170,26 @@ class ToyCaptionDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
-def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
+def class_token_mask(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive (T, T) attention mask that cuts the class token (position 0) off the patch tokens,
+    both ways: it attends only to itself and no patch token attends to it."""
+    mask = torch.zeros(tokens, tokens, dtype=dtype, device=device)
+    mask[0, 1:] = float("-inf")
+    mask[1:, 0] = float("-inf")
+    return mask
+
+
+def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor, keep: float = 1.0,
+                        class_token_blocks: Optional[int] = None) -> torch.Tensor:
     """open_clip's ViT forward (class token or mean of the patch tokens, as the config's ``pool_type``),
     for any image size and with optional token dropout.
 
     The positional embedding is resized bilinearly to the grid as the labeler does (method §2; at
     the native grid it is unchanged). ``keep < 1`` keeps a random ``keep`` fraction of the patch
-    tokens of each image (FLIP-style, training only). (B, 3, H, W) -> (B, E) unnormalised.
+    tokens of each image (FLIP-style, training only). ``class_token_blocks = k`` lets the class
+    token and the patch tokens see each other only in the last ``k`` blocks (CaiT-style class
+    attention, training only; ``None``: in every block, open_clip's forward). (B, 3, H, W) -> (B, E)
+    unnormalised.
     """
     x = visual.conv1(images)
     grid = tuple(x.shape[-2:])
@@ -193,7 +206,14 @@ def encode_image_tokens(visual: torch.nn.Module, images: torch.Tensor, keep: flo
         order = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)[:, :n_keep]
         x = x.gather(1, order[..., None].expand(-1, -1, x.shape[2]))
     cls = (visual.class_embedding + pos[0]).to(x.dtype).expand(x.shape[0], 1, -1)
-    x = visual.transformer(visual.ln_pre(torch.cat([cls, x], dim=1)))
+    x = visual.ln_pre(torch.cat([cls, x], dim=1))
+    blocks = visual.transformer.resblocks
+    if class_token_blocks is None or class_token_blocks >= len(blocks):
+        x = visual.transformer(x)
+    else:
+        mask = class_token_mask(x.shape[1], x.dtype, x.device)
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=mask if i < len(blocks) - class_token_blocks else None)
     x = visual.ln_post(x)
     pooled = x[:, 0] if getattr(visual, "pool_type", "avg") == "tok" else x[:, 1:].mean(dim=1)
     return pooled @ visual.proj
@@ -260,6 +280,12 @@ class ToyCLIP(L.LightningModule):
             weight: symmetric attention ``softmax((W z_i)·(W z_j))``) or ``"fixed"`` (kept at their
             similarity init: attention stays a similarity of the tokens as the blocks learn what
             the tokens hold). ``tied`` and ``fixed`` need ``attention_init: similarity``.
+        class_token_blocks: in how many of the last image blocks the class token (the image feature
+            the loss sees) exchanges attention with the patch tokens during training; ``null``: all
+            (ordinary training). With ``1`` (CaiT-style class attention) the class token can learn
+            the classes only from the last block's patch values, the path CLIP-ES's GradCAM reads,
+            instead of gathering them in the early blocks. Training only: the exported model is a
+            plain open_clip CLIP and the labeler runs it unmasked (method §2–3).
         export_path: where the compact weights go when ``fit`` ends (``null``: not exported; never
             under ``fast_dev_run``).
     """
@@ -267,12 +293,15 @@ class ToyCLIP(L.LightningModule):
     def __init__(self, model_name: str = TOY_CLIP_NAME, lr: float = 1e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 30, min_lr_ratio: float = 0.05, token_keep: float = 1.0,
                  attention_init: str = "similarity", attention_gain: float = 2.0, query_key: str = "fixed",
-                 export_path: Optional[str] = None) -> None:
+                 class_token_blocks: Optional[int] = None, export_path: Optional[str] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_name, self.export_path = model_name, export_path
         self.lr, self.weight_decay, self.warmup_steps, self.min_lr_ratio = lr, weight_decay, warmup_steps, min_lr_ratio
         self.token_keep = token_keep
+        if class_token_blocks is not None and class_token_blocks < 1:
+            raise ValueError(f"class_token_blocks must be null or at least 1, got {class_token_blocks}.")
+        self.class_token_blocks = class_token_blocks
         self.clip = open_clip.create_model(model_name, pretrained=None)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         if attention_init == "similarity":
@@ -292,7 +321,7 @@ class ToyCLIP(L.LightningModule):
 
     def features(self, images: torch.Tensor, tokens: torch.Tensor, keep: float = 1.0):
         """Unit image and text features, (B, E) each."""
-        img = F.normalize(encode_image_tokens(self.clip.visual, images, keep), dim=-1)
+        img = F.normalize(encode_image_tokens(self.clip.visual, images, keep, self.class_token_blocks), dim=-1)
         txt = F.normalize(self.clip.encode_text(tokens), dim=-1)
         return img, txt
 

@@ -84,6 +84,27 @@ def test_image_encoder_matches_open_clip_and_takes_other_sizes():
     assert torch.allclose(encode_image_tokens(cls_pooled.clip.visual, x), cls_pooled.clip.encode_image(x), atol=1e-5)
 
 
+def test_class_token_blocks_cut_the_class_token_off_the_patches_until_the_last_blocks():
+    """The masked forward equals running the patch tokens and the class token as separate
+    sequences through the early blocks and together through the last one."""
+    torch.manual_seed(0)
+    visual = ToyCLIP(model_name=TINY_CLS).clip.visual
+    x = torch.randn(2, 3, 64, 64)
+    patches = visual.conv1(x).flatten(2).transpose(1, 2) + visual.positional_embedding[1:]
+    cls = (visual.class_embedding + visual.positional_embedding[0]).expand(2, 1, -1)
+    tokens = visual.ln_pre(torch.cat([cls, patches], dim=1))
+    first, last = visual.transformer.resblocks
+    cls_alone, patches_alone = first(tokens[:, :1]), first(tokens[:, 1:])
+    expected = visual.ln_post(last(torch.cat([cls_alone, patches_alone], dim=1)))[:, 0] @ visual.proj
+    with torch.no_grad():
+        got = encode_image_tokens(visual, x, class_token_blocks=1)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert not torch.allclose(got, visual(x), atol=1e-3)  # the mask does change the feature
+        assert torch.allclose(encode_image_tokens(visual, x, class_token_blocks=2), visual(x), atol=1e-5)
+    with pytest.raises(ValueError, match="class_token_blocks"):
+        ToyCLIP(model_name=TINY_CLS, class_token_blocks=0)
+
+
 def test_training_steps_lower_the_loss(trained):
     module, dm, before, _ = trained
     assert slice_loss(module, dm) < before - 0.3
