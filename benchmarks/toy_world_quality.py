@@ -61,15 +61,6 @@ def confmat(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
         NUM_CLASSES, NUM_CLASSES)
 
 
-def class_iou(cm: np.ndarray) -> np.ndarray:
-    """Per-class IoU (background first, NaN for a class neither in the ground truth nor predicted)."""
-    return iou_from_confmat(torch.from_numpy(cm))[0].numpy()
-
-
-def miou(cm: np.ndarray) -> float:
-    return float(iou_from_confmat(torch.from_numpy(cm))[1])
-
-
 def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> dict:
     """mIoU (%) of the CAM and CAA label maps and of the CRF on the CAA scores, one value per CRF setting."""
     cms = {k: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for k in ["cam", "caa", *range(len(crfs))]}
@@ -87,9 +78,10 @@ def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> d
             cms[j] += confmat(crf, gt)
             row.append(crf)
         preds.append(row)
-    scores = {k: 100 * miou(v) for k, v in cms.items()}
-    scores["per_class"] = {k: 100 * class_iou(cms[k]) for k in ("cam", "caa", 0) if k in cms}
-    return scores, preds
+    ious = {k: iou_from_confmat(torch.from_numpy(cm)) for k, cm in cms.items()}  # (per class, NaN if absent; mean)
+    result = {k: 100 * float(mean) for k, (_, mean) in ious.items()}
+    result["per_class"] = {k: 100 * ious[k][0].numpy() for k in ("cam", "caa", 0) if k in ious}
+    return result, preds
 
 
 def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
