@@ -13,10 +13,10 @@ import torch
 from lightning_clipes.cli import cli_main
 from lightning_clipes.components.clip_loader import expand_compact_state_dict, load_clip, register_clip_config
 from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES
-from lightning_clipes.toy_clip import (
-    FIRST_CLIP_INDEX, TOY_CLIP_NAME, TOY_TEMPLATE, ToyCaptionDataModule, ToyCLIP, caption, encode_image_tokens,
-    world_token_ids,
+from lightning_clipes.data.toy_captions import (
+    FIRST_CLIP_INDEX, TOY_CLIP_NAME, TOY_TEMPLATE, ToyCaptionDataModule, caption, world_token_ids,
 )
+from lightning_clipes.toy_clip import ToyCLIP, encode_image_tokens
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "toy_clip.yaml"
 TINY = "toy-test-ViT"
@@ -157,7 +157,7 @@ def test_fit_from_the_experiment_config_exports(tmp_path):
 
 def test_co_occurrence_and_object_crops_of_the_training_stream():
     from lightning_clipes.data.toy_world import HOME_BACKGROUND, render_scene
-    from lightning_clipes.toy_clip import object_crop
+    from lightning_clipes.data.toy_captions import object_crop
 
     def home_share(**kwargs) -> float:
         scenes = [render_scene(0, FIRST_CLIP_INDEX + i, 32, **kwargs) for i in range(240)]
@@ -175,7 +175,7 @@ def test_co_occurrence_and_object_crops_of_the_training_stream():
 
 
 def test_items_mark_the_classes_their_caption_names():
-    from lightning_clipes.toy_clip import ToyCaptionDataset
+    from lightning_clipes.data.toy_captions import ToyCaptionDataset
 
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     data = ToyCaptionDataset(0, FIRST_CLIP_INDEX, 12, 64, tokenizer, p_background=1.0, p_crop=0.5)

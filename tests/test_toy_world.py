@@ -14,7 +14,7 @@ from lightning_clipes.data.toy_world import (
     render_scene, write_toy_world,
 )
 from lightning_clipes.data.voc_format import load_mask, load_rgb, parse_labels, read_split
-from lightning_clipes.toy_clip import FIRST_CLIP_INDEX, FIRST_VAL_INDEX
+from lightning_clipes.data.toy_captions import FIRST_CLIP_INDEX, FIRST_VAL_INDEX
 
 
 def snapshot(root):
