@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, render_scene
 
-TOY_CLIP_NAME = "clipes-toy-ViT"
+TOY_CLIP_NAME = "clipes-toy-ViT"  # the registered config these captions train (lightning_clipes.toy_clip.ToyCLIP)
 TOY_TEMPLATE = "a photo of a {}."  # the captions' own phrasing, the labeler's template for this world
 FIRST_CLIP_INDEX = 10_000_000  # scenes from here on train the CLIP; the dataset splits use 0, 1, 2, ...
 FIRST_VAL_INDEX = 20_000_000
