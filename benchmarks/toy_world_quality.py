@@ -20,14 +20,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from lightning_clipes.components.clip_loader import load_clip
+from lightning_clipes.components.clip_loader import SHIPPED, load_clip
 from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.crf import CRFParams, crf_label
 from lightning_clipes.components.pseudo_mask import cams_to_label, class_ids, scores_with_background
+from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE
 from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, ToyWorldSource
 from lightning_clipes.data.voc_format import load_mask, load_rgb
 from lightning_clipes.metrics import iou_from_confmat
-from lightning_clipes.toy_clip import TOY_CLIP_NAME, TOY_CLIP_WEIGHTS, TOY_TEMPLATE
 
 NUM_CLASSES = 1 + len(TOY_CLASSES)
 
@@ -106,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--split", default="train")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--model_name", default=TOY_CLIP_NAME)
-    parser.add_argument("--weights", default=str(TOY_CLIP_WEIGHTS))
+    parser.add_argument("--weights", default=SHIPPED)  # the package's toy CLIP (weights/<model_name>.pt)
     parser.add_argument("--template", default=TOY_TEMPLATE)
     parser.add_argument("--box_threshold", type=float, default=0.4)
     parser.add_argument("--affinity_layers", type=int, default=2, help="the embedded default's (experiments/synthetic.yaml)")

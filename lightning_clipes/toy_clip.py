@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_clipes.components.clip_loader import WEIGHTS_DIR, compact_state_dict
+from lightning_clipes.components.clip_loader import compact_state_dict
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE, world_token_ids
 from lightning_clipes.data.toy_world import TOY_CLASSES
-
-TOY_CLIP_WEIGHTS = WEIGHTS_DIR / f"{TOY_CLIP_NAME}.pt"  # what pretrained: shipped loads for this model
 
 
 def class_token_mask(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

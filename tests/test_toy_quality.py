@@ -20,7 +20,7 @@ from lightning_clipes.components.clip_loader import SHIPPED, shipped_weights
 from lightning_clipes.data.labeler_datamodule import LabelerDataModule
 from lightning_clipes.data.toy_world import ToyWorldSource
 from lightning_clipes.labeler import CLIPESLabeler
-from lightning_clipes.toy_clip import TOY_CLIP_NAME
+from lightning_clipes.data.toy_captions import TOY_CLIP_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "experiments" / "synthetic.yaml"
