@@ -202,7 +202,8 @@ def test_the_embedded_default_config_honours_crf_in_validate_and_predict(tmp_pat
     config = str(REPO / "experiments" / "synthetic_pseudo_labels.yaml")
 
     def go(stage, crf, out):
-        return cli_main([stage, "-c", config, "--model.crf", crf, "--data.root", str(tmp_path / "VOC2012"),
+        return cli_main([stage, "-c", config, "--model.crf", crf, "--data.source.init_args.root", str(tmp_path / "VOC2012"),
+                         "--data.source.init_args.num_train", "12", "--data.source.init_args.num_val", "2",
                          "--trainer.default_root_dir", str(tmp_path / out), "--trainer.enable_progress_bar", "false"])
 
     on = {k: float(v) for k, v in go("validate", "true", "v_on").trainer.callback_metrics.items()}

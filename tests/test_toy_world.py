@@ -148,3 +148,14 @@ def test_source_reads_the_world(tmp_path):
     assert split.ids == ["toy_000006", "toy_000007"]
     assert split.class_names == list(TOY_CLASSES) and split.prompt_names == list(TOY_CLASSES)
     assert all(p is not None and p.is_file() for p in split.gt_paths) and all(split.labels)
+
+
+def test_toy_world_source_checks_split_names_and_sizes_before_writing(tmp_path):
+    """The preflight check passes for an unwritten world (prepare writes it) and names the option to fix."""
+    source = ToyWorldSource(tmp_path / "never_written", num_train=3, num_val=0)
+    source.check("train")
+    assert not (tmp_path / "never_written").exists()
+    with pytest.raises(ValueError, match="num_val above 0"):
+        source.check("val")
+    with pytest.raises(ValueError, match="train, val, test; got 'train_aug'"):
+        source.check("train_aug")

@@ -358,3 +358,10 @@ class ToyWorldSource(VOCSource):
 
     def prepare(self) -> None:
         ensure_toy_world(self.root, **self.world)
+
+    def check(self, split: str) -> None:
+        """Written by :meth:`prepare` on first use: only the split's name and size are checked."""
+        if split not in _SPLITS:
+            raise ValueError(f"The toy world's splits are {', '.join(_SPLITS)}; got {split!r} (--data.split).")
+        if not self.world[f"num_{split}"]:
+            raise ValueError(f"The toy world's {split!r} split is empty: set --data.source.init_args.num_{split} above 0.")
