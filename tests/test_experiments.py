@@ -29,8 +29,6 @@ def data_overrides(config: Path, voc: Path, tmp_path: Path) -> list[str]:
         return ["--data.source.image_dir", str(images), "--data.source.label_file", str(labels),
                 "--data.source.classes", str(classes), "--data.source.mask_dir", str(tmp_path / "folder" / "masks"),
                 "--data.labeler.init_args.class_names", str(classes), "--data.split", "train", "--data.val_split", "val"]
-    if "Synthetic" in source:
-        return ["--data.root", str(tmp_path / "synthetic" / "VOC2012")]
     if "ToyWorldSource" in source:  # the labeler alone on a few scenes of the toy world
         return ["--data.source.init_args.root", str(tmp_path / "toy" / "VOC2012"),
                 "--data.source.init_args.num_train", "4", "--data.source.init_args.num_val", "2"]
@@ -51,7 +49,7 @@ def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
         return common + ["--trainer.logger", "false", "--data.num_workers", "0", *weights, "--model.affinity_layers", "2"]
     common += ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(out)]  # W&B stays out of tests
     data = str(yaml.safe_load(config.read_text())["data"])
-    if "labeler" in data and "Synthetic" not in data and "ToyWorld" not in data:
+    if "labeler" in data and "ToyWorld" not in data:
         common += ["--data.labeler.init_args.pretrained", str(ckpt), "--data.labeler.init_args.affinity_layers", "2"]
     return common + [
         "--data.store_dir", str(out / "store"), "--data.num_workers", "0", "--data.crop_size", "32",
