@@ -364,4 +364,5 @@ class ToyWorldSource(VOCSource):
         if split not in _SPLITS:
             raise ValueError(f"The toy world's splits are {', '.join(_SPLITS)}; got {split!r} (--data.split).")
         if not self.world[f"num_{split}"]:
-            raise ValueError(f"The toy world's {split!r} split is empty: set --data.source.init_args.num_{split} above 0.")
+            raise ValueError(f"The toy world's {split!r} split is empty: set num_{split} above 0 (--data.num_{split}, or "
+                             f"--data.source.init_args.num_{split} where the world is a data source).")
