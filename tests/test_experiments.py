@@ -44,11 +44,11 @@ def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
                 "--model.export_path", "null"]
     common = ["--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
               "--trainer.devices", "1", "--trainer.fast_dev_run", "1", *data_overrides(config, voc, out)]
+    data = str(yaml.safe_load(config.read_text())["data"])
     if is_labeler(config):  # the toy world keeps its shipped toy CLIP; other data get the tiny random one
-        weights = [] if "ToyWorld" in config.read_text() else ["--model.pretrained", str(ckpt)]
+        weights = [] if "ToyWorld" in data else ["--model.pretrained", str(ckpt)]
         return common + ["--trainer.logger", "false", "--data.num_workers", "0", *weights, "--model.affinity_layers", "2"]
     common += ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(out)]  # W&B stays out of tests
-    data = str(yaml.safe_load(config.read_text())["data"])
     if "labeler" in data and "ToyWorld" not in data:
         common += ["--data.labeler.init_args.pretrained", str(ckpt), "--data.labeler.init_args.affinity_layers", "2"]
     return common + [
