@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from tqdm import tqdm
 
 from lightning_clipes.cluster import check_slurm_tasks, launcher_rank_zero, wandb_reachable  # noqa: F401
 from lightning_clipes.preflight import ConfigError, preflight
@@ -39,6 +41,20 @@ class RunConfigCallback(SaveConfigCallback):
                              overwrite=True, multifile=self.multifile)
             self.config_path = os.path.join(folder, self.config_filename)
         self.already_saved = True
+
+
+class CloseProgressBarsOnError(Callback):
+    """Closes the progress bars of a run that fails. Lightning closes them only when a stage ends, so a failed
+    run left its bar to the garbage collector, whose ``tqdm.__del__`` writes to stderr; with W&B's console capture
+    installed that write sets context variables, and on Python 3.11 a context variable set from inside a
+    collection can corrupt the ones being set when it started (CPython gh-148891): every later jsonargparse
+    parse in that process failed. Matters wherever runs share a process (notebooks, sweeps in-process, tests)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for callback in trainer.callbacks:
+            for bar in list(vars(callback).values()):
+                if isinstance(bar, tqdm):  # TQDMProgressBar's train/val/test/predict bars
+                    bar.close()
 
 
 def run_folder(trainer: L.Trainer) -> str:
@@ -84,6 +100,7 @@ class CLIPESCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CloseProgressBarsOnError())
         check_slurm_tasks(trainer.num_devices, trainer.num_nodes)
         return trainer
 

@@ -129,10 +129,12 @@ def rank_templates_on_features(
     templates = check_templates(templates)
     scale = float(clip.model.logit_scale.exp().item())
     rows = []
-    for template in tqdm(templates, desc="templates", disable=None, file=sys.stderr):
-        text = encode_prompts(clip.model, clip.tokenizer, list(class_prompt_names), [template])
-        sharpness, used = template_sharpness(image_feats, labels, text, scale)
-        rows.append({"template": template, "sharpness": sharpness, "images": used})
+    with tqdm(total=len(templates), desc="templates", disable=None, file=sys.stderr) as bar:  # closed on errors too
+        for template in templates:
+            text = encode_prompts(clip.model, clip.tokenizer, list(class_prompt_names), [template])
+            sharpness, used = template_sharpness(image_feats, labels, text, scale)
+            rows.append({"template": template, "sharpness": sharpness, "images": used})
+            bar.update()
     return sorted(rows, key=lambda r: r["sharpness"])  # stable: ties keep the candidates' order
 
 

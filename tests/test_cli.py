@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_clipes import cli
 from lightning_clipes.cli import main
@@ -146,3 +147,23 @@ def test_each_run_keeps_its_config_with_its_checkpoints(synthetic_voc, tmp_path,
     assert runs[0] != runs[1] and not (tmp_path / "outputs" / "config.yaml").exists()
     lrs = [yaml.safe_load((r / "config.yaml").read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"] for r in runs]
     assert lrs == [0.01, 0.02]
+
+
+class FailsInPredict(BoringModel):
+    def predict_step(self, batch, batch_idx):
+        raise RuntimeError("predict_step failed on purpose")
+
+
+def test_a_failed_run_closes_its_progress_bar(tmp_path):
+    """Lightning closes its bars only when a stage ends; a failed run's bar was left to the garbage collector,
+    whose write to stderr (through W&B's console capture, Python 3.11) broke every later parse in the process."""
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+    from tqdm import tqdm
+
+    before = set(tqdm._instances)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        main(["predict", "--model", f"{__name__}.FailsInPredict",
+              "--data", "lightning.pytorch.demos.boring_classes.BoringDataModule",
+              "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    left_open = [bar for bar in set(tqdm._instances) - before if isinstance(bar, Tqdm)]
+    assert not left_open, [bar.desc for bar in left_open]
