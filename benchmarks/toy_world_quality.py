@@ -25,7 +25,8 @@ from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.crf import CRFParams, crf_label
 from lightning_clipes.components.pseudo_mask import cams_to_label, class_ids, scores_with_background
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE
-from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, ToyWorldSource
+from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
+from lightning_clipes.data.toy_world import ToyWorldSource
 from lightning_clipes.data.voc_format import load_mask, load_rgb
 from lightning_clipes.metrics import iou_from_confmat
 

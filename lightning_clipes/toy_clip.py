@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_clipes.components.clip_loader import compact_state_dict
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE, world_token_ids
-from lightning_clipes.data.toy_world import TOY_CLASSES
+from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
 
 def class_token_mask(tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from lightning_clipes.cli import cli_main
 from lightning_clipes.components.clip_loader import expand_compact_state_dict, load_clip, register_clip_config
-from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES
+from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
 from lightning_clipes.data.toy_captions import (
     FIRST_CLIP_INDEX, TOY_CLIP_NAME, TOY_TEMPLATE, ToyCaptionDataModule, caption, world_token_ids,
 )
@@ -156,7 +156,7 @@ def test_fit_from_the_experiment_config_exports(tmp_path):
 
 
 def test_co_occurrence_and_object_crops_of_the_training_stream():
-    from lightning_clipes.data.toy_world import HOME_BACKGROUND, render_scene
+    from lightning_clipes.data.toy_scenes import HOME_BACKGROUND, render_scene
     from lightning_clipes.data.toy_captions import object_crop
 
     def home_share(**kwargs) -> float:

@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lightning_clipes.data.toy_world import (
-    HOME_BACKGROUND, MIN_VISIBLE, P_HOME, TOY_BACKGROUNDS, TOY_CLASSES, ToyWorldSource, ensure_toy_world,
-    render_scene, write_toy_world,
+from lightning_clipes.data.toy_scenes import (
+    HOME_BACKGROUND, MIN_VISIBLE, P_HOME, TOY_BACKGROUNDS, TOY_CLASSES, render_scene,
 )
+from lightning_clipes.data.toy_world import ToyWorldSource, ensure_toy_world, write_toy_world
 from lightning_clipes.data.voc_format import load_mask, load_rgb, parse_labels, read_split
 from lightning_clipes.data.toy_captions import FIRST_CLIP_INDEX, FIRST_VAL_INDEX
 

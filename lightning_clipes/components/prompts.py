@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_clipes.components.vit_tokens import block_forward
-from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES
+from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
 
 CLIPES_TEMPLATE = "a clean origami {}."
 

@@ -1,6 +1,6 @@
 """The toy CLIP's training data: (image, caption) pairs drawn from the toy world on the fly.
 
-Scenes come from :func:`lightning_clipes.data.toy_world.render_scene` at indices no dataset split
+Scenes come from :func:`lightning_clipes.data.toy_scenes.render_scene` at indices no dataset split
 uses (``FIRST_CLIP_INDEX`` on for training, ``FIRST_VAL_INDEX`` on for validation), captioned as
 ``"a photo of a kite and a bird on sky."``; nothing is written to disk. The model that learns from
 them is :class:`lightning_clipes.toy_clip.ToyCLIP`.
@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_clipes.data.toy_world import TOY_BACKGROUNDS, TOY_CLASSES, render_scene
+from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES, render_scene
 
 TOY_CLIP_NAME = "clipes-toy-ViT"  # the registered config these captions train (lightning_clipes.toy_clip.ToyCLIP)
 TOY_TEMPLATE = "a photo of a {}."  # the captions' own phrasing, the labeler's template for this world
