@@ -1,7 +1,11 @@
 """Tiny fixtures: a random CLIP in OpenAI format (width 64, 2 blocks) and synthetic VOC folders."""
 from __future__ import annotations
 
+import contextvars
+import gc
 import os
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,48 @@ def tests_write_only_under_their_tmp_dirs():
     yield
     new = sorted(_stray_files(repo) - before)
     assert not new, f"tests wrote into the checkout: {new[:10]}"
+
+
+class ContextVarWritesInGC:
+    """Records context-variable writes that run inside a garbage collection (finalizers, weakref callbacks).
+
+    On Python < 3.12 such a write can corrupt the context when the collection started inside another write
+    (CPython gh-148891). In CI a failed run's progress bar, finalized by the collector, wrote to stderr
+    through W&B's console capture (which sets context variables) and every later jsonargparse parse failed.
+    """
+
+    def __init__(self) -> None:
+        self.stacks: list[str] = []
+        self._outer = None
+
+    def _profile(self, frame, event, arg) -> None:
+        owner = getattr(arg, "__self__", None)
+        if event == "c_call" and getattr(arg, "__name__", "") in ("set", "reset") and isinstance(owner, contextvars.ContextVar):
+            self.stacks.append("".join(traceback.format_stack(frame, limit=12)))
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._outer = sys.getprofile()
+            sys.setprofile(self._profile)
+        else:
+            sys.setprofile(self._outer)
+
+    def __enter__(self) -> "ContextVarWritesInGC":
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
+@pytest.fixture(autouse=True)
+def no_context_variable_writes_in_garbage_collection():
+    """Fails the test whose garbage made such a write: a full collection after each test (about 0.1 s) finalizes
+    what the test left behind while the guard watches, instead of whenever a later test triggers one."""
+    with ContextVarWritesInGC() as watch:
+        yield
+        gc.collect()
+    if watch.stacks:
+        pytest.fail("A finalizer wrote a context variable during garbage collection (can corrupt the context on "
+                    "Python 3.11, CPython gh-148891); close the object explicitly instead:\n" + watch.stacks[0],
+                    pytrace=False)

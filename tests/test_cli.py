@@ -167,3 +167,27 @@ def test_a_failed_run_closes_its_progress_bar(tmp_path):
               "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     left_open = [bar for bar in set(tqdm._instances) - before if isinstance(bar, Tqdm)]
     assert not left_open, [bar.desc for bar in left_open]
+
+
+def test_the_suite_fails_a_test_whose_garbage_writes_a_context_variable(tmp_path):
+    """conftest's guard against the failure above, on a hand-made finalizer; in a separate pytest run."""
+    import shutil
+
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_leak.py").write_text(
+        "import contextvars, gc\n"
+        "VAR = contextvars.ContextVar('probe')\n"
+        "class Leaky:\n"
+        "    def __del__(self):\n"
+        "        VAR.set(1)\n"
+        "def test_leaks():\n"
+        "    leaky = Leaky()\n"
+        "    leaky.cycle = leaky\n"
+        "    del leaky\n"
+        "    gc.collect()\n"
+        "def test_clean():\n"
+        "    VAR.set(2)\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "2 passed, 1 error" in done.stdout, done.stdout[-3000:]  # test_leaks fails at teardown, test_clean passes
+    assert "ERROR test_leak.py::test_leaks" in done.stdout and "in __del__" in done.stdout
