@@ -52,7 +52,7 @@ class CloseProgressBarsOnError(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         for callback in trainer.callbacks:
-            for bar in list(vars(callback).values()):
+            for bar in list(getattr(callback, "__dict__", {}).values()):
                 if isinstance(bar, tqdm):  # TQDMProgressBar's train/val/test/predict bars
                     bar.close()
 

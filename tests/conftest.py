@@ -1,4 +1,5 @@
-"""Tiny fixtures: a random CLIP in OpenAI format (width 64, 2 blocks) and synthetic VOC folders."""
+"""Tiny fixtures: a random CLIP in OpenAI format (width 64, 2 blocks) and synthetic VOC folders; and two
+guards: tests write only under their tmp dirs, and no finalizer writes a context variable."""
 from __future__ import annotations
 
 import contextvars
@@ -112,7 +113,7 @@ class ContextVarWritesInGC:
 
 @pytest.fixture(autouse=True)
 def no_context_variable_writes_in_garbage_collection():
-    """Fails the test whose garbage made such a write: a full collection after each test (about 0.1 s) finalizes
+    """Fails the test whose garbage made such a write: a full collection after each test (0.1–0.2 s here) finalizes
     what the test left behind while the guard watches, instead of whenever a later test triggers one."""
     with ContextVarWritesInGC() as watch:
         yield
