@@ -51,10 +51,10 @@ class CloseProgressBarsOnError(Callback):
     parse in that process failed. Matters wherever runs share a process (notebooks, sweeps in-process, tests)."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        for callback in trainer.callbacks:
-            for bar in list(getattr(callback, "__dict__", {}).values()):
-                if isinstance(bar, tqdm):  # TQDMProgressBar's train/val/test/predict bars
-                    bar.close()
+        bars = getattr(trainer.progress_bar_callback, "__dict__", {})  # none without a progress bar
+        for bar in list(bars.values()):
+            if isinstance(bar, tqdm):  # TQDMProgressBar's train/val/test/predict bars; Rich stops its own
+                bar.close()
 
 
 def run_folder(trainer: L.Trainer) -> str:
