@@ -113,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--affinity_layers", type=int, default=2, help="the embedded default's (experiments/synthetic.yaml)")
     parser.add_argument("--bg_power", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random-weights row")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="the labeller's autocast")
     parser.add_argument("--rows", default="trained,random,no_background,plain_gradcam")
     parser.add_argument("--panels", default=None, help="folder for image | CAM | CAA | CAM-mask | CAA-mask | CRF | GT pictures")
     parser.add_argument("--num_panels", type=int, default=8)
@@ -132,14 +133,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         background = [] if row == "no_background" else list(TOY_BACKGROUNDS)
         clipes = CLIPES(clip, list(TOY_CLASSES), background, [args.template], box_threshold=args.box_threshold,
                         affinity_layers=min(args.affinity_layers, len(clip.model.visual.transformer.resblocks)),
-                        softmax=row != "plain_gradcam")
+                        softmax=row != "plain_gradcam", precision=args.precision)
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
         if args.panels:
             save_panels(Path(args.panels), ids, images, maps, preds, gts, row, args.num_panels)
         rows[row]["seconds"] = time.perf_counter() - start
     print(f"\n{len(ids)} images of {args.split} ({root}), template {args.template!r}, box {args.box_threshold}, "
-          f"affinity layers {args.affinity_layers}, bg power {args.bg_power}; CRF scaled: sxy "
+          f"affinity layers {args.affinity_layers}, bg power {args.bg_power}, precision {args.precision}; CRF scaled: sxy "
           f"{crfs[1].gaussian_sxy:g}/{crfs[1].bilateral_sxy:g}\n")
     print("| labeler | CAM | + CAA | + CRF (paper) | + CRF (scaled) |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -68,6 +68,22 @@ def test_block_attention_is_head_average_of_softmax_qk():
     torch.testing.assert_close(attn, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_labelling_projects_all_tokens_in_one_matrix_product(tiny_clip):
+    """No attention projection runs as T products of (B, D) tokens with the weight copied once per
+    token (``matmul``'s broadcast path for a transposed input under bf16 autocast on CPU), which made
+    the labelling pass 11x slower (benchmarks/labelling_pass.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clipes = CLIPES(tiny_clip, ["cat", "dog"], ["grass"], [CLIPES_TEMPLATE], affinity_layers=2, precision="bf16")
+    images = torch.randn(2, 3, 48, 64)  # a 3x4 grid: 13 tokens
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        maps = clipes(list(images), [[0], [0, 1]], [(48, 64)] * 2)
+    assert [m.cams.shape for m in maps] == [(1, 48, 64), (2, 48, 64)]
+    bmm_inputs = [e.input_shapes[0] for e in prof.events() if e.name == "aten::bmm"]
+    assert bmm_inputs, "the profiler saw no batched products: this test no longer looks where it should"
+    assert not [s for s in bmm_inputs if s[:2] == [13, 2]], bmm_inputs
+
+
 def literal_gradcam(clip_model, image, labels, fg, bg):
     """One backward per class with a hook on ln_1 of the last block, as pytorch-grad-cam does."""
     visual = clip_model.visual

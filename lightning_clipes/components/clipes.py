@@ -37,9 +37,11 @@ PRECISIONS = ("32", "bf16", "16")
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``16`` on CUDA (the reference runs CLIP in float16 on a GPU), else ``32``.
 
-    Not bf16 on CPUs, although their bf16 matrix units multiply 2.3x faster than float32 on our CI's
-    AVX-512 BF16 CPU: the whole labelling pass (autocast casts, GradCAM's backward, CAA) measured
-    about 4x slower there (benchmarks/labelling_pass.py: 0.06 against 0.21 images/s)."""
+    Not bf16 on CPUs, although on our CI's AVX-512 BF16 CPU it labels 1.8x as many images a second
+    (benchmarks/labelling_pass.py, steady state: 1.18 against 0.64 images/s): float32 is what the
+    reference runs on a CPU (parity), it costs nothing in accuracy (bf16: 0.3-0.6 mIoU lower in the
+    toy world, benchmarks/toy_world_quality.py), and CPUs without bf16 units emulate it slowly.
+    Ask for ``bf16`` to get the speed."""
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}.")
