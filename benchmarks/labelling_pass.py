@@ -8,7 +8,9 @@ reference its ``generate_cams_voc12.py`` (see ``reference_runner.py`` for what i
 ViT-B/16 weights in OpenAI's format (the cost does not depend on the values) and VOC-sized images
 (500x375, 375x500, 500x333) with 1-3 labels. Ours runs without the CRF (the reference's generating
 script has none; its CRF is a separate evaluation script), in each ``--precisions``, and once more with
-the CRF; every row also writes the cams as the reference does, plus masks and confidence.
+the CRF; every row also writes the cams as the reference does, plus masks and confidence. Each later
+row without the CRF is compared with the first: the share of pixels with the same pseudo-label (e.g.
+bf16 or float16 against float32; random weights, so a hard case: their cams are differences of tiny terms).
 A second table gives the steady state of the in-job pass (``run_pass``: loader workers, labeller,
 CRF workers, store writers) without process start-up and CLIP loading, and on a GPU how busy it was.
 Prints markdown tables; ``--json FILE`` keeps the numbers. On a GPU machine:
@@ -51,6 +53,15 @@ def run_ours(voc: Path, weights: Path, out: Path, device: str, precision: str, c
     if done.returncode != 0:
         raise RuntimeError(f"clipes predict failed:\n{done.stderr[-3000:]}")
     return seconds
+
+
+def mask_agreement(first: Path, other: Path, ids) -> tuple[float, float]:
+    """(worst, mean) share of pixels whose pseudo-label is the same in two runs' stores, over ``ids``."""
+    from lightning_clipes.data.voc_format import load_mask
+
+    shares = [float((load_mask(first / "pseudo_labels" / "masks" / f"{i}.png")
+                     == load_mask(other / "pseudo_labels" / "masks" / f"{i}.png")).mean()) for i in ids]
+    return min(shares), sum(shares) / len(shares)
 
 
 def steady_state(voc: Path, weights: Path, store_dir: Path, device: str, precision: str, crf: bool, batch: int,
@@ -110,8 +121,8 @@ def main() -> None:
         weights = write_random_openai_weights(tmp / "ViT-B-16.pt")
         machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
         print(f"Whole labelling pass, {len(ids)} VOC-sized images, random ViT-B/16, {machine}\n")
-        print("| run | CRF | seconds | images/s | vs reference |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| run | CRF | seconds | images/s | vs reference | labels as the first row (worst / mean) |")
+        print("| --- | --- | --- | --- | --- | --- |")
         reference = None
         if args.reference is not None:
             ref_ids = ids[: args.reference_images or len(ids)]
@@ -119,14 +130,19 @@ def main() -> None:
             reference = seconds * len(ids) / len(ref_ids)  # seconds it would take for all the images
             rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "images": len(ref_ids), "seconds": seconds})
             print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU), {len(ref_ids)} images | no | "
-                  f"{seconds:.1f} | {len(ref_ids) / seconds:.2f} | 1.00 |", flush=True)
+                  f"{seconds:.1f} | {len(ref_ids) / seconds:.2f} | 1.00 | – |", flush=True)
         plan = [(p, False) for p in args.precisions.split(",")] + ([] if args.no_crf else [(args.precisions.split(",")[-1], True)])
         for k, (precision, crf) in enumerate(plan):
             seconds = run_ours(voc, weights, tmp / f"ours{k}", args.device, precision, crf, args.batch_size, args.workers)
             ratio = f"{reference / seconds:.2f}" if reference else "–"
-            rows.append({"run": f"clipes predict --model.precision {precision}", "crf": crf, "seconds": seconds})
+            agree = "–"
+            if k > 0 and not crf:  # e.g. bf16 against float32: same images, same weights
+                worst, mean = mask_agreement(tmp / "ours0", tmp / f"ours{k}", ids)
+                agree = f"{100 * worst:.2f} % / {100 * mean:.2f} %"
+            rows.append({"run": f"clipes predict --model.precision {precision}", "crf": crf, "seconds": seconds,
+                         "agreement": agree})
             print(f"| `clipes predict --model.precision {precision}` | {'yes' if crf else 'no'} | {seconds:.1f} | "
-                  f"{len(ids) / seconds:.2f} | {ratio} |", flush=True)
+                  f"{len(ids) / seconds:.2f} | {ratio} | {agree} |", flush=True)
         print("\nSteady state of the in-job pass (no start-up, no CLIP loading)\n")
         print("| precision | CRF | images/s | GPU busy |")
         print("| --- | --- | --- | --- |")
