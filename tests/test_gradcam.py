@@ -84,6 +84,20 @@ def test_bf16_labelling_projects_all_tokens_in_one_matrix_product(tiny_clip):
     assert not [s for s in bmm_inputs if s[:2] == [13, 2]], bmm_inputs
 
 
+def test_gradcam_reduces_in_float32_under_bf16_autocast(tiny_clip):
+    """Autocast runs the ViT in bf16, but the class scores and the map reduction stay float32: cams
+    rounded to bf16's 8-bit mantissa flipped whole toy-world images (label agreement with float32,
+    worst image: 28 % before, 68 % after; mean 99.2 % before, 99.85 % after)."""
+    visual = tiny_clip.model.visual
+    clipes = CLIPES(tiny_clip, ["cat", "dog"], ["grass"], [CLIPES_TEMPLATE], affinity_layers=1)
+    tokens, _, grid = run_frozen_blocks(visual, torch.randn(2, 3, 48, 64), attn_from=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cams, attn = softmax_gradcam(visual, tiny_clip.model.logit_scale, tokens, grid, clipes.fg_text, clipes.bg_text,
+                                     [[0], [0, 1]])
+    assert cams.dtype == attn.dtype == torch.float32 and cams.shape == (3, 3, 4)
+    assert not torch.equal(cams, cams.bfloat16().float())  # values off bf16's grid: not rounded to it
+
+
 def literal_gradcam(clip_model, image, labels, fg, bg):
     """One backward per class with a hook on ln_1 of the last block, as pytorch-grad-cam does."""
     visual = clip_model.visual

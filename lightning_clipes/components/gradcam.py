@@ -87,13 +87,15 @@ def softmax_gradcam(
         x = tokens.detach()
         z = block.ln_1(x).detach().requires_grad_(True)  # GradCAM target: ln_1 of block L
         out, attn = block_forward(block, x, need_attn=True, z=z)
-        scores = _class_scores(visual, logit_scale, out, fg, present, bg, softmax)
+        with torch.autocast(device.type, enabled=False):  # scores in float32 whatever the ViT ran in
+            scores = _class_scores(visual, logit_scale, out.float(), fg, present, bg, softmax)
         # row r of the batched backward asks for d score[b, r] / dZ of every image b at once
         select = torch.eye(kmax, device=device, dtype=scores.dtype)[:, None, :] * present.to(scores.dtype)[None]
         (grad,) = torch.autograd.grad(scores, z, grad_outputs=select.expand(kmax, batch, kmax), is_grads_batched=True)
     act = z.detach()[:, 1:].float()  # (B, N, D)
     weights = grad[:, :, 1:].float().mean(dim=2)  # (Kmax, B, D): spatial mean of d score / dZ per channel
-    cams = torch.einsum("kbd,bnd->bkn", weights, act).clamp_min(0)  # (B, Kmax, N)
+    with torch.autocast(device.type, enabled=False):  # an autocast einsum would round the cams to bf16/fp16
+        cams = torch.einsum("kbd,bnd->bkn", weights, act).clamp_min(0)  # (B, Kmax, N)
     cams = cams[present].view(-1, *grid)  # (R, h, w) in image, then label order
     # Normalised twice as the reference's pytorch-grad-cam does (per layer, then after averaging
     # layers): a no-op for real CLIP weights, but it matters when the raw cam is near the 1e-7 epsilon.
