@@ -56,8 +56,10 @@ class CLIPESLabeler(L.LightningModule):
         max_side: cap on the long side of CLIP's input, in pixels (maps and masks stay at full size);
             VOC (≤ 500) and COCO (≤ 640) are never capped, a 5000×4000 photo costs a 1024 px image.
         precision: ``auto`` (float16 autocast on CUDA like the reference's half-precision CLIP; float32
-            on CPU, where bf16 measured slower end to end), ``32``, ``bf16`` or ``16``.
-        reference_order: GradCAM and CAA in the reference's arithmetic order (slower; for the parity check).
+            on CPU, the reference's precision there, although bf16 is about 2x faster on CPUs with bf16
+            units), ``32``, ``bf16`` or ``16``.
+        reference_order: GradCAM and CAA in the reference's arithmetic order, the text tower over all
+            77 tokens (slower; for the parity check).
         output_dir: predict's store; default ``<trainer.default_root_dir>/pseudo_labels``. A folder made
             with other settings is refused, naming the difference.
         save_cams: keep the float16 CAA cams (``cams/<id>.npz``, the reference's ``attn_highres``).

@@ -50,6 +50,29 @@ def test_text_features_normalise_each_template_then_average(tiny_clip):
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_text_tower_skips_the_padding_unless_asked_for_the_full_context(tiny_clip):
+    """Causal attention + end-of-text pooling: the tokens after the longest sentence's end change
+    nothing, so they are not run (the reference's 77 only with full_context, for parity)."""
+    model, tok = tiny_clip.model, tiny_clip.tokenizer
+    lengths = []
+    hook = model.transformer.resblocks[0].ln_1.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
+    try:
+        names, templates = ["cat", "bird avian"], ["a clean origami {}."]
+        trimmed = encode_prompts(model, tok, names, templates)
+        full = encode_prompts(model, tok, names, templates, full_context=True)
+    finally:
+        hook.remove()
+    # one call per name, each cut after its longest sentence (+ start and end tokens)
+    assert lengths == [max(len(tok.encode(t.format(n))) + 2 for t in templates) for n in names] + [77, 77]
+    assert lengths[:2] == [7, 8]
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+    from lightning_clipes.components.clipes import CLIPES
+
+    for reference_order, expected in ((False, trimmed), (True, full)):  # the parity path runs all 77
+        clipes = CLIPES(tiny_clip, names, [], templates, affinity_layers=1, reference_order=reference_order)
+        assert torch.equal(clipes.fg_text, expected)
+
+
 def test_openai_state_dict_loads_with_quick_gelu_and_fp16_rounded_weights(tiny_openai_ckpt):
     clip = load_clip("ViT-B-16", str(tiny_openai_ckpt))
     sd = tiny_clip_state_dict()

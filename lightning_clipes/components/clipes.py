@@ -67,7 +67,8 @@ class CLIPES(nn.Module):
         precision: ``32``, ``bf16``, ``16`` (autocast of the ViT; GradCAM reductions and CAA stay in
             float32) or ``auto`` (see :func:`resolve_precision`, decided on the device of each call).
         reference_order: run GradCAM and CAA in the reference's arithmetic order (block L image by
-            image, numpy reductions, one class at a time); slower, for the parity check.
+            image, numpy reductions, one class at a time) and the text tower over all 77 tokens;
+            slower, for the parity check.
     """
 
     def __init__(
@@ -100,8 +101,10 @@ class CLIPES(nn.Module):
         self.affinity_layers = affinity_layers
         self.softmax, self.max_side = softmax, max_side
         self.precision, self.reference_order = precision, reference_order
-        self.register_buffer("fg_text", encode_prompts(self.clip, clip.tokenizer, self.class_names, templates), persistent=False)
-        self.register_buffer("bg_text", encode_prompts(self.clip, clip.tokenizer, list(background), templates), persistent=False)
+        # reference_order also runs the text tower over the padding, as the reference does (last bits)
+        for key, names in (("fg_text", self.class_names), ("bg_text", list(background))):
+            text = encode_prompts(self.clip, clip.tokenizer, names, templates, full_context=reference_order)
+            self.register_buffer(key, text, persistent=False)
 
     @property
     def patch(self) -> tuple[int, int]:

@@ -112,11 +112,13 @@ def encode_prompts(
     tokenizer: Callable[[list[str]], torch.Tensor],
     names: Sequence[str],
     templates: Sequence[str],
+    full_context: bool = False,
 ) -> torch.Tensor:
     """Text features of ``names`` (method §1).
 
     Each (name, template) sentence is encoded and L2-normalised; a name's feature is the mean over
-    templates, normalised again. Returns ``(len(names), E)`` float32, unit rows.
+    templates, normalised again. Returns ``(len(names), E)`` float32, unit rows. ``full_context``
+    runs the padding too (see :func:`encode_text`), for last-bit parity with the reference.
     """
     if not names:
         return torch.zeros(0, model.text_projection.shape[-1])
@@ -124,17 +126,27 @@ def encode_prompts(
     feats = []
     for name in names:  # one name per call, as the reference: batch size changes the last bits
         tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        feats.append(F.normalize(encode_text(model, tokens).float(), dim=-1).mean(dim=0))
+        feats.append(F.normalize(encode_text(model, tokens, full_context).float(), dim=-1).mean(dim=0))
     return F.normalize(torch.stack(feats), dim=-1)
 
 
-def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text(model: nn.Module, tokens: torch.Tensor, full_context: bool = False) -> torch.Tensor:
     """CLIP's ``encode_text`` (EOT-token pooling) with the explicit-softmax attention the reference
-    runs; open_clip's own call takes the fused path, 1e-6 away. (T, 77) int -> (T, E)."""
+    runs; open_clip's own call takes the fused path, 1e-6 away. (T, 77) int -> (T, E).
+
+    Unless ``full_context``, the padding after the longest sentence is not run: the attention is
+    causal and the feature is read at the end-of-text token (the largest id), so it changes nothing
+    but the last bits (1.7e-7), and the tower gets 7x cheaper (77 -> ~10 tokens; VOC's 45 prompts
+    1.2 s instead of 3.2 s on a 2-core CPU). The reference runs all 77; with random weights, whose
+    cams are small differences of large terms, those last bits move 1.6 % of one image's labels.
+    """
     if getattr(model, "text_pool_type", "argmax") != "argmax" or not hasattr(model, "token_embedding"):
         return model.encode_text(tokens)  # not an OpenAI-style text tower: use open_clip's own
-    x = model.token_embedding(tokens) + model.positional_embedding
+    causal = model.attn_mask
+    length = tokens.shape[1] if full_context or causal is None else int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
     for block in model.transformer.resblocks:
-        x, _ = block_forward(block, x, need_attn=True, attn_mask=model.attn_mask)
+        x, _ = block_forward(block, x, need_attn=True, attn_mask=None if causal is None else causal[:length, :length])
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
