@@ -2,7 +2,8 @@
 # Issue #11's GPU measurements in one call, for a machine lent for minutes (the `device` tool's H200)
 # that has torch but cannot reach a package registry. Prepare here, once:
 #
-#   PY=python3.12 bash benchmarks/gpu_wheelhouse.sh         # .whl/: what the GPU image lacks
+#   PY=python3.12 bash benchmarks/gpu_wheelhouse.sh   # .whl/: what the GPU image lacks (pyenv here:
+#                                                     # PY=/root/.pyenv/versions/3.12.1/bin/python3.12)
 #   git clone https://github.com/linyq2117/CLIP-ES .ref/CLIP-ES && rm -rf .ref/CLIP-ES/.git   # optional
 #
 # then run this there with .whl and .ref carried (run(command="bash benchmarks/gpu_checks.sh",
