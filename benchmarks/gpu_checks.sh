@@ -39,26 +39,25 @@ $PY -c "import lightning_clipes, open_clip, segmentation_models_pytorch, pydense
 step "labeller on $DEVICE against the CPU in float32 (64 toy-world images, the shipped toy CLIP)"
 DEVICE=$DEVICE LOW=$LOW timeout 120 $PY - <<'EOF'
 import os
+import sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from toy_world_quality import class_maps, read_items  # the toy-world benchmark's own reading and batching
 from lightning_clipes.components.clip_loader import SHIPPED, load_clip
 from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.pseudo_mask import cams_to_label
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE
 from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
 from lightning_clipes.data.toy_world import ToyWorldSource
-from lightning_clipes.data.voc_format import load_rgb
 
-source = ToyWorldSource(Path("outputs/gpu_checks_world/VOC2012"), num_train=64, num_val=1, num_test=1)
-source.prepare()
-data = source.read("train")
-images = [load_rgb(p) for p in data.image_paths[:64]]
-labels = data.labels[:64]
+root = Path("outputs/gpu_checks_world/VOC2012")
+ToyWorldSource(root, num_train=64, num_val=1, num_test=1).prepare()
+_, images, labels, _ = read_items(root, "train", 64)
 
 def labels_on(device, precision):
     clipes = CLIPES(load_clip(TOY_CLIP_NAME, SHIPPED), list(TOY_CLASSES), list(TOY_BACKGROUNDS), [TOY_TEMPLATE],
                     affinity_layers=2, precision=precision).to(device)
-    maps = clipes([clipes.preprocess(im) for im in images], labels, [im.shape[:2] for im in images])
-    return [cams_to_label(m.cams.float().cpu(), m.keys) for m in maps]
+    return [cams_to_label(m.cams.float().cpu(), m.keys) for m in class_maps(clipes, images, labels)]
 
 cpu = labels_on("cpu", "32")
 device = os.environ["DEVICE"]

@@ -129,11 +129,13 @@ def main() -> None:
             ref_ids = ids[: max(2, args.reference_images or len(ids))]  # the reference fails on a 1-image list
             seconds = run_reference(args.reference, voc, ref_ids, weights, tmp / "reference")
             reference, note = seconds, f"{len(ref_ids)} images"
-            if len(ref_ids) < len(ids):  # seconds it would take for all: start-up once, the images' part scaled
-                start = run_reference(args.reference, voc, ids[:2], weights, tmp / "reference2") if len(ref_ids) > 2 else 0.0
-                per_image = (seconds - start) / (len(ref_ids) - 2) if start else seconds / len(ref_ids)
-                reference = (start + per_image * (len(ids) - 2)) if start else per_image * len(ids)
-                note += f" (on 2: {start:.1f} s), {len(ids)} estimated" if start else f", {len(ids)} scaled"
+            if 2 < len(ref_ids) < len(ids):  # seconds it would take for all: start-up once, the images' part scaled
+                start = run_reference(args.reference, voc, ids[:2], weights, tmp / "reference2")
+                reference = start + (seconds - start) * (len(ids) - 2) / (len(ref_ids) - 2)
+                note += f" (on 2: {start:.1f} s), {len(ids)} estimated"
+            elif len(ref_ids) < len(ids):  # run on 2 only: no start-up to tell apart
+                reference = seconds * len(ids) / len(ref_ids)
+                note += f", {len(ids)} scaled"
             rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "images": len(ref_ids), "seconds": seconds,
                          "seconds_all_images": reference})
             print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU), {note} | no | "
