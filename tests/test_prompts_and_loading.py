@@ -153,3 +153,37 @@ def test_a_pickled_object_is_refused_without_advice_to_unpickle_it(tmp_path):
 def test_non_vit_towers_are_refused():
     with pytest.raises(ValueError, match="ViT image tower"):
         load_clip("RN50", None)
+
+
+class _RecordCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_loading_weights_skips_the_random_initialisation_they_replace(tmp_path, tiny_openai_ckpt):
+    """Weights that are loaded are not first drawn at random (ViT-B/16: 1.1 s of start-up), and the model is the
+    one open_clip builds with its initialisation: every weight and buffer (the causal mask) the same."""
+    from open_clip.model import build_model_from_openai_state_dict
+
+    init = {getattr(torch.nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "constant_", "xavier_uniform_")}
+    register_clip_config("test-init-ViT", {"embed_dim": 16, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
+                         "heads": 2, "layers": 1}, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}})
+    torch.save(load_clip("test-init-ViT", None).model.state_dict(), tmp_path / "openclip.pt")
+    seen = {}
+    for name, pretrained in (("ViT-B-16", str(tiny_openai_ckpt)), ("test-init-ViT", str(tmp_path / "openclip.pt")),
+                             ("clipes-toy-ViT", "shipped"), ("test-init-ViT", None)):
+        with _RecordCalls() as record:
+            clip = load_clip(name, pretrained)
+        seen[pretrained] = [f for f in record.calls if f in init]
+    assert seen[None], "random weights must still be drawn"
+    assert not any(seen[p] for p in seen if p is not None), {p: len(c) for p, c in seen.items()}
+
+    loaded = load_clip("ViT-B-16", str(tiny_openai_ckpt)).model
+    built = build_model_from_openai_state_dict(tiny_clip_state_dict(), quick_gelu=True).float()
+    a, b = dict(loaded.named_buffers()) | loaded.state_dict(), dict(built.named_buffers()) | built.state_dict()
+    assert a.keys() == b.keys() and "attn_mask" in a and all(torch.equal(a[k], b[k]) for k in a)

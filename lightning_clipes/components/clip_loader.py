@@ -22,6 +22,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import build_model_from_openai_state_dict
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # weights the package ships
@@ -58,6 +59,24 @@ def _register_builtin_configs() -> None:
 
 
 _register_builtin_configs()
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skips ``torch.nn.init``'s random initialisation while a CLIP is built whose weights are all loaded right
+    after by a strict ``load_state_dict`` (every use below): ViT-B/16 builds in 0.4 s instead of 1.5 s on a
+    2-core CPU. ``nn.init``'s functions hand themselves to the active torch-function mode, so nothing is
+    patched; the mode is thread-local and ends with the ``with`` block. Buffers the constructors compute
+    (the causal mask) are computed as usual; weights are left as allocated until the load fills them."""
+
+    INIT = frozenset(getattr(nn.init, name) for name in (
+        "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+        "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INIT:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, bool]:
@@ -131,7 +150,8 @@ def _build_compact(ckpt: dict, model_name: str, path: Path, quick_gelu: Optional
     if ckpt["model_name"] != model_name:
         raise ValueError(f"{path} holds weights of {ckpt['model_name']!r}, not {model_name!r}; set model_name to "
                          f"{ckpt['model_name']!r}.")
-    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+    with _SkipRandomInit():
+        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
     model.load_state_dict(expand_compact_state_dict(ckpt))
     return model
 # ------------------------------------------------------------------------ end of compact checkpoints
@@ -152,12 +172,14 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
             # OpenAI format: architecture inferred from the tensors, QuickGELU, fp16 round-trip as OpenAI's loader.
             sd = {k: v for k, v in ckpt.items() if not k.endswith("attn_mask")}  # scripted buffers, not weights
             try:
-                model = build_model_from_openai_state_dict(sd, quick_gelu=True)
+                with _SkipRandomInit():  # builds and loads strictly
+                    model = build_model_from_openai_state_dict(sd, quick_gelu=True)
                 return model, "ViT-B-16"  # every OpenAI CLIP uses the same BPE tokenizer
             except (RuntimeError, ValueError) as err:  # e.g. a config of ours (MLP ratio 2) as a plain state dict
                 if scripted or model_name not in open_clip.list_models():
                     raise
-                model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+                with _SkipRandomInit():
+                    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
                 try:
                     model.load_state_dict(sd)
                 except RuntimeError:
@@ -165,7 +187,8 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
                                      f"({str(err).splitlines()[-1].strip()}). Set model_name to the weights' "
                                      "architecture.") from err
                 return model, model_name
-        model = open_clip.create_model(model_name, pretrained=str(path), force_quick_gelu=bool(quick_gelu))
+        with _SkipRandomInit():  # open_clip loads its checkpoints strictly
+            model = open_clip.create_model(model_name, pretrained=str(path), force_quick_gelu=bool(quick_gelu))
         return model, model_name
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise FileNotFoundError(f"CLIP weights not found: {pretrained}. {_MISSING_WEIGHTS_HELP}")
@@ -181,7 +204,8 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
             f"(tags: {', '.join(known) or 'none'}). {_MISSING_WEIGHTS_HELP}"
         )
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu))
+        with _SkipRandomInit():
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=bool(quick_gelu))
     except Exception as err:  # noqa: BLE001 - network/cache failures come in many types
         raise RuntimeError(f"Could not load {model_name} weights {pretrained!r}: {err}. {_MISSING_WEIGHTS_HELP}") from err
     return model, model_name
