@@ -52,7 +52,8 @@ def test_text_features_normalise_each_template_then_average(tiny_clip):
 
 def test_text_tower_skips_the_padding_unless_asked_for_the_full_context(tiny_clip):
     """Causal attention + end-of-text pooling: the tokens after the longest sentence's end change
-    nothing, so they are not run (the reference's 77 only with full_context, for parity)."""
+    nothing, so they are not run, and the names share one call (the reference's 77 tokens and one call
+    per name only with full_context, for parity)."""
     model, tok = tiny_clip.model, tiny_clip.tokenizer
     lengths = []
     hook = model.transformer.resblocks[0].ln_1.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
@@ -62,9 +63,9 @@ def test_text_tower_skips_the_padding_unless_asked_for_the_full_context(tiny_cli
         full = encode_prompts(model, tok, names, templates, full_context=True)
     finally:
         hook.remove()
-    # one call per name, each cut after its longest sentence (+ start and end tokens)
-    assert lengths == [max(len(tok.encode(t.format(n))) + 2 for t in templates) for n in names] + [77, 77]
-    assert lengths[:2] == [7, 8]
+    # all sentences in one call, cut after the longest (+ start and end tokens); the parity path: one call per name
+    assert lengths == [max(len(tok.encode(t.format(n))) + 2 for t in templates for n in names), 77, 77]
+    assert lengths[0] == 8
     torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
     from lightning_clipes.components.clipes import CLIPES
 
@@ -165,23 +166,25 @@ class _RecordCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_loading_weights_skips_the_random_initialisation_they_replace(tmp_path, tiny_openai_ckpt):
-    """Weights that are loaded are not first drawn at random (ViT-B/16: 1.1 s of start-up), and the model is the
-    one open_clip builds with its initialisation: every weight and buffer (the causal mask) the same."""
+def test_loading_weights_skips_the_random_initialisation_they_replace(tmp_path, tiny_openai_ckpt, caplog):
+    """Weights that are loaded are not first drawn at random (ViT-B/16: 1.1 s of start-up) nor said to be, and
+    the model is the one open_clip builds with its initialisation: every weight and buffer (the causal mask) the same."""
     from open_clip.model import build_model_from_openai_state_dict
 
     init = {getattr(torch.nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "constant_", "xavier_uniform_")}
     register_clip_config("test-init-ViT", {"embed_dim": 16, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
                          "heads": 2, "layers": 1}, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}})
     torch.save(load_clip("test-init-ViT", None).model.state_dict(), tmp_path / "openclip.pt")
-    seen = {}
+    seen, said = {}, {}
     for name, pretrained in (("ViT-B-16", str(tiny_openai_ckpt)), ("test-init-ViT", str(tmp_path / "openclip.pt")),
                              ("clipes-toy-ViT", "shipped"), ("test-init-ViT", None)):
-        with _RecordCalls() as record:
-            clip = load_clip(name, pretrained)
+        caplog.clear()
+        with _RecordCalls() as record, caplog.at_level("WARNING"):
+            load_clip(name, pretrained)
         seen[pretrained] = [f for f in record.calls if f in init]
-    assert seen[None], "random weights must still be drawn"
-    assert not any(seen[p] for p in seen if p is not None), {p: len(c) for p, c in seen.items()}
+        said[pretrained] = "initialized randomly" in caplog.text
+    assert seen[None] and said[None], "random weights must still be drawn, and open_clip says so"
+    assert not any(seen[p] or said[p] for p in seen if p is not None), (seen, said)
 
     loaded = load_clip("ViT-B-16", str(tiny_openai_ckpt)).model
     built = build_model_from_openai_state_dict(tiny_clip_state_dict(), quick_gelu=True).float()

@@ -8,6 +8,7 @@ read off the state dict). Pretrained tags (``openai``, ``laion2b_s34b_b88k`` ...
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -77,6 +78,19 @@ class _SkipRandomInit(TorchFunctionMode):
         if func in self.INIT:
             return args[0] if args else kwargs["tensor"]
         return func(*args, **kwargs)
+
+
+def _unfilled(model_name: str, quick_gelu: Optional[bool]) -> nn.Module:
+    """open_clip's ``model_name`` for a strict ``load_state_dict`` of ours to fill: not initialised, and without
+    open_clip's warning that the model was "initialized randomly" (it is not used so)."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "initialized randomly" not in record.getMessage()
+    logging.getLogger().addFilter(quiet)  # open_clip logs on the root logger
+    try:
+        with _SkipRandomInit():
+            return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, bool]:
@@ -150,8 +164,7 @@ def _build_compact(ckpt: dict, model_name: str, path: Path, quick_gelu: Optional
     if ckpt["model_name"] != model_name:
         raise ValueError(f"{path} holds weights of {ckpt['model_name']!r}, not {model_name!r}; set model_name to "
                          f"{ckpt['model_name']!r}.")
-    with _SkipRandomInit():
-        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+    model = _unfilled(model_name, quick_gelu)
     model.load_state_dict(expand_compact_state_dict(ckpt))
     return model
 # ------------------------------------------------------------------------ end of compact checkpoints
@@ -178,8 +191,7 @@ def _build(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool
             except (RuntimeError, ValueError) as err:  # e.g. a config of ours (MLP ratio 2) as a plain state dict
                 if scripted or model_name not in open_clip.list_models():
                     raise
-                with _SkipRandomInit():
-                    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(quick_gelu))
+                model = _unfilled(model_name, quick_gelu)
                 try:
                     model.load_state_dict(sd)
                 except RuntimeError:

@@ -117,17 +117,19 @@ def encode_prompts(
     """Text features of ``names`` (method §1).
 
     Each (name, template) sentence is encoded and L2-normalised; a name's feature is the mean over
-    templates, normalised again. Returns ``(len(names), E)`` float32, unit rows. ``full_context``
-    runs the padding too (see :func:`encode_text`), for last-bit parity with the reference.
+    templates, normalised again. Returns ``(len(names), E)`` float32, unit rows. All sentences go
+    through the text tower in one call (VOC's 45: 0.5 s instead of 1.2 s one name per call on a 2-core
+    CPU); ``full_context``, for last-bit parity with the reference, runs one name per call as the
+    reference does (the batch size changes the last bits) and the padding too (see :func:`encode_text`).
     """
     if not names:
         return torch.zeros(0, model.text_projection.shape[-1])
     device = next(model.parameters()).device
-    feats = []
-    for name in names:  # one name per call, as the reference: batch size changes the last bits
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        feats.append(F.normalize(encode_text(model, tokens, full_context).float(), dim=-1).mean(dim=0))
-    return F.normalize(torch.stack(feats), dim=-1)
+    if full_context:
+        feats = [encode_text(model, tokenizer([t.format(name) for t in templates]).to(device), True) for name in names]
+    else:
+        feats = encode_text(model, tokenizer([t.format(n) for n in names for t in templates]).to(device)).split(len(templates))
+    return F.normalize(torch.stack([F.normalize(f.float(), dim=-1).mean(dim=0) for f in feats]), dim=-1)
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor, full_context: bool = False) -> torch.Tensor:
