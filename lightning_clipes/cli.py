@@ -16,15 +16,19 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import jsonargparse
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from packaging.version import Version
 from tqdm import tqdm
 
 from lightning_clipes.cluster import check_slurm_tasks, launcher_rank_zero, wandb_reachable  # noqa: F401
 from lightning_clipes.preflight import ConfigError, preflight
 
 DEBUG_ENV = "CLIPES_DEBUG"
+# keep None values in the saved config; jsonargparse 4.49 renamed skip_none (a warning on every run) to skip_unset
+_KEEP_NONE = {"skip_unset" if Version(jsonargparse.__version__) >= Version("4.49") else "skip_none": False}
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -37,7 +41,7 @@ class RunConfigCallback(SaveConfigCallback):
         folder = trainer.strategy.broadcast(run_folder(trainer) if trainer.is_global_zero else None)
         if trainer.is_global_zero:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False,
+            self.parser.save(self.config, os.path.join(folder, self.config_filename), **_KEEP_NONE,
                              overwrite=True, multifile=self.multifile)
             self.config_path = os.path.join(folder, self.config_filename)
         self.already_saved = True
