@@ -13,7 +13,9 @@ row without the CRF is compared with the first: the share of pixels with the sam
 bf16 or float16 against float32; random weights, so a hard case: their cams are differences of tiny terms).
 A second table gives the steady state of the in-job pass (``run_pass``: loader workers, labeller,
 CRF workers, store writers) without process start-up and CLIP loading, and on a GPU how busy it was.
-Prints markdown tables; ``--json FILE`` keeps the numbers. On a GPU machine:
+Prints markdown tables; ``--json FILE`` keeps the numbers. A shared machine's speed drifts by 20-30 %
+over minutes: ``--repeats 3`` runs the whole-process rows in three rounds and gives each row's median.
+On a GPU machine:
 
     python benchmarks/labelling_pass.py --device cuda --images 512 --precisions 32,16 --reference PATH/CLIP-ES --reference-images 64
 """
@@ -64,6 +66,19 @@ def mask_agreement(first: Path, other: Path, ids) -> tuple[float, float]:
     return min(shares), sum(shares) / len(shares)
 
 
+def time_reference(args: argparse.Namespace, voc: Path, ids: list, weights: Path, out: Path) -> tuple[float, str]:
+    """(seconds for all ``ids``, how they were had) of the reference's whole process."""
+    ref_ids = ids[: max(2, args.reference_images or len(ids))]  # the reference fails on a 1-image list
+    seconds = run_reference(args.reference, voc, ref_ids, weights, out / "all")
+    note = f"{len(ref_ids)} images"
+    if 2 < len(ref_ids) < len(ids):  # seconds it would take for all: start-up once, the images' part scaled
+        start = run_reference(args.reference, voc, ids[:2], weights, out / "two")
+        return start + (seconds - start) * (len(ids) - 2) / (len(ref_ids) - 2), f"{note} (on 2: {start:.1f} s), {len(ids)} estimated"
+    if len(ref_ids) < len(ids):  # run on 2 only: no start-up to tell apart
+        return seconds * len(ids) / len(ref_ids), f"{note}, {len(ids)} scaled"
+    return seconds, note
+
+
 def steady_state(voc: Path, weights: Path, store_dir: Path, device: str, precision: str, crf: bool, batch: int,
                  workers: int) -> tuple[float, float]:
     """(images/s, GPU busy share or nan) of the in-job labelling pass after start-up, in this process."""
@@ -110,6 +125,9 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, help="run the reference on the first N images only (slow on "
                         "a GPU machine) and once more on 2, to estimate its time for all images from its start-up "
                         "and its time per image")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the whole-process rows (each round runs every "
+                        "row once, so a slow spell of a shared machine hits all rows); a row's seconds are its median "
+                        "round, its range in brackets")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.precisions is None:
@@ -124,34 +142,32 @@ def main() -> None:
         print(f"Whole labelling pass, {len(ids)} VOC-sized images, random ViT-B/16, {machine}\n")
         print("| run | CRF | seconds | images/s | vs reference | labels as the first row (worst / mean) |")
         print("| --- | --- | --- | --- | --- | --- |")
-        reference = None
-        if args.reference is not None:
-            ref_ids = ids[: max(2, args.reference_images or len(ids))]  # the reference fails on a 1-image list
-            seconds = run_reference(args.reference, voc, ref_ids, weights, tmp / "reference")
-            reference, note = seconds, f"{len(ref_ids)} images"
-            if 2 < len(ref_ids) < len(ids):  # seconds it would take for all: start-up once, the images' part scaled
-                start = run_reference(args.reference, voc, ids[:2], weights, tmp / "reference2")
-                reference = start + (seconds - start) * (len(ids) - 2) / (len(ref_ids) - 2)
-                note += f" (on 2: {start:.1f} s), {len(ids)} estimated"
-            elif len(ref_ids) < len(ids):  # run on 2 only: no start-up to tell apart
-                reference = seconds * len(ids) / len(ref_ids)
-                note += f", {len(ids)} scaled"
-            rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "images": len(ref_ids), "seconds": seconds,
-                         "seconds_all_images": reference})
-            print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU), {note} | no | "
-                  f"{reference:.1f} | {len(ids) / reference:.2f} | 1.00 | – |", flush=True)
         plan = [(p, False) for p in args.precisions.split(",")] + ([] if args.no_crf else [(args.precisions.split(",")[-1], True)])
+        jobs = [] if args.reference is None else [lambda r: time_reference(args, voc, ids, weights, tmp / f"reference{r}")]
+        jobs += [lambda r, k=k, p=p, crf=crf: (run_ours(voc, weights, tmp / f"ours{k}-{r}", args.device, p, crf,
+                                                         args.batch_size, args.workers), "")
+                 for k, (p, crf) in enumerate(plan)]
+        times = [[job(r) for job in jobs] for r in range(args.repeats)]  # rounds: machine noise hits every row alike
+        runs = [sorted(round_[j] for round_ in times) for j in range(len(jobs))]
+        seconds = [run[len(run) // 2][0] for run in runs]  # the median round of each row
+        spread = ["" if args.repeats == 1 else f" ({run[0][0]:.1f}–{run[-1][0]:.1f})" for run in runs]
+        reference = seconds[0] if args.reference is not None else None
+        if reference is not None:
+            rows.append({"run": "reference generate_cams_voc12.py", "crf": False, "seconds_all_images": reference,
+                         "rounds": [round_[0][0] for round_ in times]})
+            print(f"| reference `generate_cams_voc12.py` (float32 on CPU, float16 on GPU), {runs[0][0][1]} | no | "
+                  f"{reference:.1f}{spread[0]} | {len(ids) / reference:.2f} | 1.00 | – |", flush=True)
         for k, (precision, crf) in enumerate(plan):
-            seconds = run_ours(voc, weights, tmp / f"ours{k}", args.device, precision, crf, args.batch_size, args.workers)
-            ratio = f"{reference / seconds:.2f}" if reference else "–"
+            j = k + (reference is not None)
+            ratio = f"{reference / seconds[j]:.2f}" if reference else "–"
             agree = "–"
             if k > 0 and not crf:  # e.g. bf16 against float32: same images, same weights
-                worst, mean = mask_agreement(tmp / "ours0", tmp / f"ours{k}", ids)
+                worst, mean = mask_agreement(tmp / "ours0-0", tmp / f"ours{k}-0", ids)
                 agree = f"{100 * worst:.2f} % / {100 * mean:.2f} %"
-            rows.append({"run": f"clipes predict --model.precision {precision}", "crf": crf, "seconds": seconds,
-                         "agreement": agree})
-            print(f"| `clipes predict --model.precision {precision}` | {'yes' if crf else 'no'} | {seconds:.1f} | "
-                  f"{len(ids) / seconds:.2f} | {ratio} | {agree} |", flush=True)
+            rows.append({"run": f"clipes predict --model.precision {precision}", "crf": crf, "seconds": seconds[j],
+                         "rounds": [round_[j][0] for round_ in times], "agreement": agree})
+            print(f"| `clipes predict --model.precision {precision}` | {'yes' if crf else 'no'} | {seconds[j]:.1f}{spread[j]} | "
+                  f"{len(ids) / seconds[j]:.2f} | {ratio} | {agree} |", flush=True)
         print("\nSteady state of the in-job pass (no start-up, no CLIP loading)\n")
         print("| precision | CRF | images/s | GPU busy |")
         print("| --- | --- | --- | --- |")
