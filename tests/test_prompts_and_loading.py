@@ -190,3 +190,31 @@ def test_loading_weights_skips_the_random_initialisation_they_replace(tmp_path, 
     built = build_model_from_openai_state_dict(tiny_clip_state_dict(), quick_gelu=True).float()
     a, b = dict(loaded.named_buffers()) | loaded.state_dict(), dict(built.named_buffers()) | built.state_dict()
     assert a.keys() == b.keys() and "attn_mask" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_building_the_clip_leaves_the_seeded_random_stream_alone(tiny_openai_ckpt):
+    """A run is seeded once; the labeler's CLIP, built before the student, must not shift what the student draws
+    (whatever its loading draws or skips), and random weights still come from the seed."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    for pretrained in (str(tiny_openai_ckpt), "shipped", None):
+        torch.manual_seed(0)
+        first = load_clip("clipes-toy-ViT" if pretrained == "shipped" else "ViT-B-16", pretrained).model
+        assert torch.equal(torch.rand(4), expected), pretrained
+    torch.manual_seed(0)
+    second = load_clip("ViT-B-16", None).model
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_many_templates_go_through_the_text_tower_in_bounded_calls(tiny_clip):
+    model, tok = tiny_clip.model, tiny_clip.tokenizer
+    names, templates = ["cat", "bird avian"], [f"photo {i} of a {{}}." for i in range(600)]
+    batches = []
+    hook = model.transformer.resblocks[0].ln_1.register_forward_hook(lambda m, i, o: batches.append(o.shape[0]))
+    try:
+        chunked = encode_prompts(model, tok, names, templates)
+    finally:
+        hook.remove()
+    assert batches == [1024, 176]
+    one_per_name = encode_prompts(model, tok, names, templates, full_context=True)
+    torch.testing.assert_close(chunked, one_per_name, rtol=0, atol=1e-5)

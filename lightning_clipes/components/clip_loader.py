@@ -83,8 +83,9 @@ class _SkipRandomInit(TorchFunctionMode):
 def _unfilled(model_name: str, quick_gelu: Optional[bool]) -> nn.Module:
     """open_clip's ``model_name`` for a strict ``load_state_dict`` of ours to fill: not initialised, and without
     open_clip's warning that the model was "initialized randomly" (it is not used so)."""
-    quiet = logging.Filter()
-    quiet.filter = lambda record: "initialized randomly" not in record.getMessage()
+    def quiet(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
     logging.getLogger().addFilter(quiet)  # open_clip logs on the root logger
     try:
         with _SkipRandomInit():
@@ -260,7 +261,8 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai"
         quick_gelu: ``None`` = automatic (OpenAI-format files use QuickGELU); ``False`` loads a plain
             state dict through open_clip with ``model_name``'s own activation.
     """
-    model, tok_name = _build(model_name, pretrained, quick_gelu)
+    with torch.random.fork_rng(devices=[]):  # the run's seeded random stream is left as it was (the student's init)
+        model, tok_name = _build(model_name, pretrained, quick_gelu)
     model = model.float().eval().requires_grad_(False)
     check_supported(model.visual)
     cfg = open_clip.get_model_preprocess_cfg(model)

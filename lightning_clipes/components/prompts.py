@@ -118,8 +118,8 @@ def encode_prompts(
 
     Each (name, template) sentence is encoded and L2-normalised; a name's feature is the mean over
     templates, normalised again. Returns ``(len(names), E)`` float32, unit rows. All sentences go
-    through the text tower in one call (VOC's 45: 0.5 s instead of 1.2 s one name per call on a 2-core
-    CPU); ``full_context``, for last-bit parity with the reference, runs one name per call as the
+    through the text tower together, in calls of up to 1,024 (VOC's 45: 0.5 s instead of 1.2 s one name
+    per call on a 2-core CPU); ``full_context``, for last-bit parity with the reference, runs one name per call as the
     reference does (the batch size changes the last bits) and the padding too (see :func:`encode_text`).
     """
     if not names:
@@ -127,8 +127,10 @@ def encode_prompts(
     device = next(model.parameters()).device
     if full_context:
         feats = [encode_text(model, tokenizer([t.format(name) for t in templates]).to(device), True) for name in names]
-    else:
-        feats = encode_text(model, tokenizer([t.format(n) for n in names for t in templates]).to(device)).split(len(templates))
+    else:  # in chunks, so 80 templates x 100 names do not hold the MLP activations of 8,000 sentences at once
+        sentences = [t.format(n) for n in names for t in templates]
+        feats = torch.cat([encode_text(model, tokenizer(sentences[i:i + 1024]).to(device))
+                           for i in range(0, len(sentences), 1024)]).split(len(templates))
     return F.normalize(torch.stack([F.normalize(f.float(), dim=-1).mean(dim=0) for f in feats]), dim=-1)
 
 
