@@ -101,7 +101,7 @@ class CLIPES(nn.Module):
         self.affinity_layers = affinity_layers
         self.softmax, self.max_side = softmax, max_side
         self.precision, self.reference_order = precision, reference_order
-        # reference_order also runs the text tower over the padding, as the reference does (last bits)
+        # reference_order encodes as the reference does: one call per name, over the padding too (last bits)
         for key, names in (("fg_text", self.class_names), ("bg_text", list(background))):
             text = encode_prompts(self.clip, clip.tokenizer, names, templates, full_context=reference_order)
             self.register_buffer(key, text, persistent=False)

@@ -119,8 +119,9 @@ def encode_prompts(
     Each (name, template) sentence is encoded and L2-normalised; a name's feature is the mean over
     templates, normalised again. Returns ``(len(names), E)`` float32, unit rows. All sentences go
     through the text tower together, in calls of up to 1,024 (VOC's 45: 0.5 s instead of 1.2 s one name
-    per call on a 2-core CPU); ``full_context``, for last-bit parity with the reference, runs one name per call as the
-    reference does (the batch size changes the last bits) and the padding too (see :func:`encode_text`).
+    per call on a 2-core CPU); ``full_context``, for last-bit parity with the reference, runs one name
+    per call as the reference does (the batch size changes the last bits) and the padding too (see
+    :func:`encode_text`).
     """
     if not names:
         return torch.zeros(0, model.text_projection.shape[-1])
