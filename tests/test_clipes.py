@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_clipes.components.affinity import box_mask
+import lightning_clipes.components.clipes as clipes_module
 from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, VOC_BACKGROUND, VOC_PROMPT_NAMES
 from lightning_clipes.components.pseudo_mask import background_score, cams_to_label
@@ -58,7 +59,9 @@ def test_forward_matches_literal_composition(clipes):
     torch.testing.assert_close(maps.cams, literal_clipes(clipes, image, [11, 2]), rtol=1e-3, atol=2e-4)
 
 
-def test_batch_of_mixed_sizes_equals_one_by_one(clipes):
+@pytest.mark.parametrize("per_call", [1, 5])  # 1: a CPU's default; 5: every same-size image at once, as on a GPU
+def test_batch_of_mixed_sizes_equals_one_by_one(clipes, per_call, monkeypatch):
+    monkeypatch.setattr(clipes_module, "CPU_BATCH", per_call)
     rng = np.random.default_rng(1)
     shapes = [(40, 60), (17, 33), (40, 60), (1, 1), (16, 16)]
     images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
@@ -84,6 +87,44 @@ def test_call_changes_no_module_state_and_no_gradients(clipes):
     assert all(p.grad is None and not p.requires_grad for p in clipes.parameters())
     clipes.train()
     assert not clipes.clip.training
+
+
+def test_bf16_runs_a_copy_with_cast_weights_that_computes_what_autocast_computes(tiny_clip, monkeypatch):
+    """The low-precision copy only saves autocast's per-call casts: same maps to the bit, CLIP untouched."""
+    clipes = CLIPES(tiny_clip, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2, precision="bf16")
+    keys = set(clipes.state_dict())
+    image = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    with torch.inference_mode():  # as Lightning predicts: the copy must still carry the backward
+        (cached,) = clipes([clipes.preprocess(image)], [[3, 8]], [(40, 60)])
+    copy = clipes._lowp_visual[1]
+    assert copy is not clipes.clip.visual and set(clipes.state_dict()) == keys
+    assert copy.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert copy.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
+    assert copy.transformer.resblocks[0].attn.in_proj_bias.dtype == torch.float32  # keeps MHA off its fast path
+    assert all(p.dtype == torch.float32 for p in clipes.clip.parameters())
+    monkeypatch.setattr(CLIPES, "_visual", lambda self, dtype: self.clip.visual)  # autocast casting every call
+    (uncached,) = clipes([clipes.preprocess(image)], [[3, 8]], [(40, 60)])
+    assert torch.equal(cached.cams, uncached.cams) and torch.equal(cached.cams_raw, uncached.cams_raw)
+
+
+def test_low_precision_copy_follows_changed_weights(tiny_openai_ckpt):
+    from lightning_clipes.components.clip_loader import load_clip
+
+    clipes = CLIPES(load_clip(pretrained=str(tiny_openai_ckpt)), VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE],
+                    affinity_layers=2, precision="bf16")
+    image = np.random.default_rng(3).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    x = clipes.preprocess(image)
+    (before,) = clipes([x], [[1, 4]], [(32, 48)])
+    with torch.no_grad():
+        clipes.clip.visual.conv1.weight.mul_(-1.5)  # e.g. load_state_dict copying new weights in place
+    (after,) = clipes([x], [[1, 4]], [(32, 48)])
+    fresh = CLIPES(load_clip(pretrained=str(tiny_openai_ckpt)), VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE],
+                   affinity_layers=2, precision="bf16")
+    with torch.no_grad():
+        fresh.clip.visual.conv1.weight.mul_(-1.5)
+    (expected,) = fresh([x], [[1, 4]], [(32, 48)])
+    assert not torch.equal(before.cams_raw, after.cams_raw)
+    assert torch.equal(after.cams_raw, expected.cams_raw)
 
 
 def test_works_under_inference_mode(clipes):

@@ -14,7 +14,7 @@ from lightning_clipes.components.affinity import refine_cams, refine_cams_batche
 from lightning_clipes.components.clip_loader import LoadedCLIP
 from lightning_clipes.components.gradcam import softmax_gradcam, softmax_gradcam_reference_order
 from lightning_clipes.components.prompts import encode_prompts
-from lightning_clipes.components.vit_tokens import Preprocessor, patch_size, run_frozen_blocks
+from lightning_clipes.components.vit_tokens import Preprocessor, low_precision_copy, patch_size, run_frozen_blocks
 
 
 @dataclass
@@ -32,6 +32,12 @@ class ClassMaps:
 
 
 PRECISIONS = ("32", "bf16", "16")
+# Images per ViT call on a CPU. More same-size images in one call run slower there, their attention
+# maps (12 x 769 x 769 floats per image and block at VOC size) outgrowing the caches. ViT-B/16, 375x500
+# images, 2 cores (benchmarks/labeler_throughput.py, median of 3 rounds): float32 0.93 / 0.86 / 0.64
+# images/s at 1 / 2 / 6 images a call, bf16 2.18 / 2.13 / 1.99 at 1 / 2 / 4. GPUs take every same-size
+# image of the batch at once.
+CPU_BATCH = 1
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -99,6 +105,7 @@ class CLIPES(nn.Module):
         if precision != "auto" and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}.")
         self.affinity_layers = affinity_layers
+        self._lowp_visual: Optional[tuple[tuple, nn.Module]] = None  # (key, copy); a tuple, so not a submodule
         self.softmax, self.max_side = softmax, max_side
         self.precision, self.reference_order = precision, reference_order
         # reference_order encodes as the reference does: one call per name, over the padding too (last bits)
@@ -125,6 +132,20 @@ class CLIPES(nn.Module):
         """(H, W, 3) uint8 RGB -> (3, H', W') float32, H' and W' multiples of the patch size."""
         return self.preprocessor(image)
 
+    def _visual(self, dtype: Optional[torch.dtype]) -> nn.Module:
+        """The ViT to run: CLIP's own in float32, else a copy with its matmul weights in ``dtype`` (see
+        :func:`~lightning_clipes.components.vit_tokens.low_precision_copy`: bf16 on a CPU about 10 % faster),
+        made again when CLIP's weights move or change."""
+        visual = self.clip.visual
+        if dtype is None:
+            return visual
+        params = list(visual.parameters())
+        key = (dtype, params[0].device, params[0].data_ptr(), sum(p._version for p in params))
+        if self._lowp_visual is None or self._lowp_visual[0] != key:
+            self._lowp_visual = None  # free the old copy first
+            self._lowp_visual = (key, low_precision_copy(visual, dtype))
+        return self._lowp_visual[1]
+
     def forward(
         self, images: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], sizes: Sequence[tuple[int, int]]
     ) -> list[ClassMaps]:
@@ -142,24 +163,26 @@ class CLIPES(nn.Module):
                 raise ValueError(f"Image {i} of the batch has no labels; filter such images before CLIPES.")
             if len(set(lab)) != len(lab) or min(lab) < 0 or max(lab) >= len(self.class_names):
                 raise ValueError(f"Image {i} has labels {list(lab)}: expected distinct indices in 0…{len(self.class_names) - 1}.")
+        device = self.fg_text.device
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, img in enumerate(images):
             groups[tuple(img.shape)].append(i)
+        step = CPU_BATCH if device.type == "cpu" else len(images)
+        chunks = [idx[k : k + step] for idx in groups.values() for k in range(0, len(idx), step)]
         out: list[ClassMaps] = [None] * len(images)  # type: ignore[list-item]
-        device = self.fg_text.device
         precision = resolve_precision(self.precision, device)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
         # Lightning predicts under inference mode; the GradCAM backward needs ordinary tensors.
         with torch.inference_mode(False), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            for idx in groups.values():
+            visual = self._visual(dtype)  # made outside inference mode: the backward reads its weights
+            for idx in chunks:
                 batch = torch.stack([images[i] for i in idx]).to(device, torch.float32, non_blocking=True)
-                maps = self._forward_same_size(batch.clone(), [labels[i] for i in idx], [sizes[i] for i in idx])
+                maps = self._forward_same_size(visual, batch.clone(), [labels[i] for i in idx], [sizes[i] for i in idx])
                 for i, m in zip(idx, maps):
                     out[i] = m
         return out
 
-    def _forward_same_size(self, images, labels, sizes) -> list[ClassMaps]:
-        visual = self.clip.visual
+    def _forward_same_size(self, visual, images, labels, sizes) -> list[ClassMaps]:
         depth = len(visual.transformer.resblocks)
         tokens, attns, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
         gradcam = softmax_gradcam_reference_order if self.reference_order else softmax_gradcam

@@ -5,6 +5,7 @@ positional embedding is resized on the fly, not stored on the module (the refere
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,6 +125,24 @@ def block_forward(
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, attn
+
+
+def low_precision_copy(visual: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``visual`` whose matmul weights are stored in ``dtype``, to run under autocast.
+
+    Autocast casts a float32 weight at every call and caches the cast only for weights that require
+    grad (a frozen CLIP's do not): ViT-B/16's 86 M weights were cast again for every batch. Under
+    autocast the copy computes exactly what ``visual`` computes (the same casts, made once). Biases
+    stay float32: with a bias in ``dtype``, ``nn.MultiheadAttention`` would take its fused fast path
+    (it compares the query's dtype with the bias's), whose arithmetic differs.
+    """
+    lowp = copy.deepcopy(visual)
+    for module in lowp.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.weight.data = module.weight.data.to(dtype)
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            module.in_proj_weight.data = module.in_proj_weight.data.to(dtype)
+    return lowp
 
 
 def run_frozen_blocks(
