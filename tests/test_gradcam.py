@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.gradcam import softmax_gradcam
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, VOC_BACKGROUND, VOC_PROMPT_NAMES
-from lightning_clipes.components.vit_tokens import block_forward, embed, resized_pos_embed, run_frozen_blocks
+from lightning_clipes.components.vit_tokens import (
+    attention_with_weights,
+    block_forward,
+    embed,
+    resized_pos_embed,
+    run_frozen_blocks,
+)
 
 
 def literal_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -66,6 +72,28 @@ def test_block_attention_is_head_average_of_softmax_qk():
     k = k.view(2, 5, 4, 8).transpose(1, 2)
     expected = ((q @ k.transpose(-1, -2)) / math.sqrt(8)).softmax(-1).mean(1)
     torch.testing.assert_close(attn, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_written_out_attention_equals_pytorchs():
+    """The autocast path (heads averaged one at a time in float32) computes nn.MultiheadAttention's
+    output and head-averaged weights; block_forward takes it only under autocast."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(1)
+    block = ResidualAttentionBlock(d_model=48, n_head=6).eval()
+    z = torch.randn(3, 7, 48)
+    out, attn = attention_with_weights(block.attn, z)
+    ref_out, ref_attn = block.attn(z, z, z, need_weights=True, average_attn_weights=True)
+    assert attn.dtype == torch.float32 and attn.shape == (3, 7, 7)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn, ref_attn, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 7, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, a = block_forward(block, x, need_attn=True)
+    y32, a32 = block_forward(block, x, need_attn=True)
+    assert a.dtype == torch.float32 and not torch.equal(a, a32)  # ran in bf16 ...
+    torch.testing.assert_close(a, a32, rtol=0, atol=0.02)  # ... and differs by bf16 rounding only
+    torch.testing.assert_close(y.float(), y32, rtol=0, atol=0.1)
 
 
 def test_bf16_labelling_projects_all_tokens_in_one_matrix_product(tiny_clip):

@@ -98,6 +98,28 @@ def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return visual.ln_pre(x)
 
 
+def attention_with_weights(attn: nn.MultiheadAttention, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn(z, z, z, need_weights=True)`` written out for autocast: (B, T, D) -> output, head-averaged weights.
+
+    The same formula as PyTorch's explicit path (softmax(q·kᵀ/√d)·v per head, then ``out_proj``), but
+    the heads are averaged in float32 one head at a time: ``mean(dim=1)`` of bf16 weights first copied
+    all of them to float32, 8 ms per block and VOC image on a 2-core CPU. Float32 runs keep PyTorch's
+    own path, whose last bits the reference's numbers carry.
+    """
+    b, t, d = z.shape
+    heads = attn.num_heads
+    qkv = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).view(b, t, 3, heads, d // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d/H) each
+    weights = torch.softmax((q * (d // heads) ** -0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, T, T)
+    out = attn.out_proj((weights @ v).transpose(1, 2).reshape(b, t, d))
+    with torch.no_grad():  # read by CAA only, never differentiated
+        mean = weights[:, 0].to(torch.float32, copy=True)  # a copy even in float32: the sum must not alias weights
+        for h in range(1, heads):
+            mean.add_(weights[:, h])
+        mean.div_(heads)
+    return out, mean
+
+
 def block_forward(
     block: nn.Module,
     x: torch.Tensor,
@@ -110,7 +132,8 @@ def block_forward(
     Args:
         x: (B, T, D) block input (batch first).
         need_attn: return the (B, T, T) attention weights averaged over heads. Asking for them also
-            selects PyTorch's explicit softmax path, whose last bits the reference's numbers carry.
+            selects PyTorch's explicit softmax path, whose last bits the reference's numbers carry
+            (under autocast, :func:`attention_with_weights`, the same formula written out).
         z: ``ln_1(x)`` if the caller already holds it (GradCAM differentiates with respect to it).
         attn_mask: additive (T, T) mask (the text tower's causal mask).
     """
@@ -120,8 +143,11 @@ def block_forward(
     # transpose is contiguous. A transposed input sends its projections through ``matmul``'s
     # broadcast path, which copies the (D, 3D) weight once per token where bf16 (oneDNN) needs
     # contiguous operands: 11x slower on an AVX-512 BF16 CPU. The layout is also the reference's.
-    z_seq = z.transpose(0, 1).contiguous().transpose(0, 1)
-    out, attn = block.attn(z_seq, z_seq, z_seq, need_weights=need_attn, average_attn_weights=True, attn_mask=mask)
+    if need_attn and mask is None and torch.is_autocast_enabled(z.device.type):
+        out, attn = attention_with_weights(block.attn, z)
+    else:
+        z_seq = z.transpose(0, 1).contiguous().transpose(0, 1)
+        out, attn = block.attn(z_seq, z_seq, z_seq, need_weights=need_attn, average_attn_weights=True, attn_mask=mask)
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, attn
