@@ -43,10 +43,10 @@ CPU_BATCH = 1
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``16`` on CUDA (the reference runs CLIP in float16 on a GPU), else ``32``.
 
-    Not bf16 on CPUs, although on our CI's AVX-512 BF16 CPU it labels 2-2.5x as many images a
-    second (benchmarks/labelling_pass.py, steady state: 1.33-2.12 against 0.63-0.85 images/s) with
-    the same toy-world mIoU (benchmarks/toy_world_quality.py --precision bf16): float32 is what the
-    reference runs on a CPU (parity), bf16 still changes 1.5-3 % of the pixels' labels with random
+    Not bf16 on CPUs, although on our CI's AVX-512 BF16 CPU it labels about twice as many images a
+    second (benchmarks/labelling_pass.py, steady state: 2.14 against 1.00 images/s) with the same
+    toy-world mIoU to 0.1 (benchmarks/toy_world_quality.py --precision bf16): float32 is what the
+    reference runs on a CPU (parity), bf16 still changes about 3 % of the pixels' labels with random
     weights, and CPUs without bf16 units emulate it slowly. Ask for ``bf16`` to get the speed."""
     if precision != "auto":
         if precision not in PRECISIONS:
