@@ -46,7 +46,7 @@ from lightning_clipes.components.student_factory import (
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.voc_format import save_mask_png
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
-from lightning_clipes.visualize import colour_mask, tile_row
+from lightning_clipes.visualize import colour_mask, pad_to_common_size, tile_row
 
 IGNORE_INDEX = 255
 
@@ -335,7 +335,8 @@ class SegmentationStudent(L.LightningModule):
             ids, pictures = zip(*self._panels)
             for logger in self._image_loggers():
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key="val/panels", images=list(pictures), caption=list(ids), step=self.global_step)
+                    logger.log_image(key="val/panels", images=pad_to_common_size(list(pictures)), caption=list(ids),
+                                     step=self.global_step)
                 else:
                     for image_id, picture in self._panels:
                         logger.experiment.add_image(f"val/panels/{image_id}", picture, self.global_step, dataformats="HWC")

@@ -54,3 +54,19 @@ def tile_row(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
     for t in tiles[1:]:
         row += [spacer, t]
     return np.concatenate(row, axis=1)
+
+
+def pad_to_common_size(pictures: list[np.ndarray], fill: int = 255) -> list[np.ndarray]:
+    """(H_i, W_i, 3) uint8 pictures padded at the bottom and right with ``fill`` to the largest H and W.
+
+    W&B shows a list of images logged under one key at the first one's size ("Images sizes do not
+    match"), squeezing or cutting the rest; VOC's images come in many sizes.
+    """
+    height = max(p.shape[0] for p in pictures)
+    width = max(p.shape[1] for p in pictures)
+    out = []
+    for p in pictures:
+        canvas = np.full((height, width, *p.shape[2:]), fill, p.dtype)
+        canvas[: p.shape[0], : p.shape[1]] = p
+        out.append(canvas)
+    return out

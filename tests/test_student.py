@@ -321,6 +321,22 @@ def test_panels_go_to_image_loggers_only(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "run" / "val_panels").rglob("*.jpg")] == ["img0.jpg"]
 
 
+def test_wandb_gets_panels_of_one_size(tmp_path, monkeypatch):
+    """The eval set's images differ in size; W&B shows a list at its first picture's size, so all are padded."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True)
+    logged = []
+    monkeypatch.setattr(logger, "log_image", lambda key, images, caption, step: logged.append((key, images, caption)))
+    t = L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run")
+    t.validate(pixelwise(num_panels=3), eval_loader(fixed_eval_set()), verbose=False)
+    ((key, images, caption),) = logged
+    assert key == "val/panels" and caption == ["img0", "img1", "img2"]
+    assert {im.shape for im in images} == {(40, 3 * 57 + 8, 3)}  # the tallest and the widest of the three rows
+    assert (images[2][32:] == 255).all()  # the 32x32 image's row, padded below
+
+
 def test_multiscale_and_flip_evaluation_of_the_wsss_papers(tmp_path):
     """val_scales (0.5, 0.75, 1.0) + flip: the mean of six softmaxes, each from a resized (and flipped) image."""
     item = fixed_eval_set()[0]  # 40 x 48

@@ -1,7 +1,7 @@
 """Preview pictures: sizes and colours by hand."""
 import numpy as np
 
-from lightning_clipes.visualize import colour_mask, heatmap, label_panel
+from lightning_clipes.visualize import colour_mask, heatmap, label_panel, pad_to_common_size
 
 
 def test_heatmap_endpoints_and_clipping():
@@ -25,3 +25,12 @@ def test_label_panel_has_one_tile_per_view():
     mask = np.zeros((30, 60), np.uint8)
     assert label_panel(image, cams, mask, height=20).size == (3 * 40 + 2 * 4, 20)
     assert label_panel(image, cams, mask, mask, height=20).size == (4 * 40 + 3 * 4, 20)
+
+
+def test_pictures_are_padded_to_one_size_for_wandb():
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    b = np.zeros((4, 1, 3), np.uint8)
+    pa, pb = pad_to_common_size([a, b])
+    assert pa.shape == pb.shape == (4, 3, 3)
+    np.testing.assert_array_equal(pa[:2], a)
+    assert (pa[2:] == 255).all() and (pb[:, 1:] == 255).all() and (pb[:, :1] == 0).all()
