@@ -82,8 +82,7 @@ def softmax_gradcam(
         index[b, : len(lab)] = torch.as_tensor(list(lab), dtype=torch.long)
         present[b, : len(lab)] = True
     # one row per (image, present class), in image then label order: row r is image owner[r]'s slot[r]
-    owner = present.nonzero()[:, 0].to(device)
-    slot = present.nonzero()[:, 1].to(device)
+    owner, slot = present.nonzero().to(device).unbind(1)
     index, present = index.to(device), present.to(device)
     fg = F.normalize(fg_text.float(), dim=-1)[index[owner]]  # (R, Kmax, E): the row's image's present classes
     bg = F.normalize(bg_text.float(), dim=-1)

@@ -98,6 +98,13 @@ def embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return visual.ln_pre(x)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def attention_with_weights(attn: nn.MultiheadAttention, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``attn(z, z, z, need_weights=True)`` written out for autocast: (B, T, D) -> output, head-averaged weights.
 
@@ -143,7 +150,8 @@ def block_forward(
     # transpose is contiguous. A transposed input sends its projections through ``matmul``'s
     # broadcast path, which copies the (D, 3D) weight once per token where bf16 (oneDNN) needs
     # contiguous operands: 11x slower on an AVX-512 BF16 CPU. The layout is also the reference's.
-    if need_attn and mask is None and torch.is_autocast_enabled(z.device.type):
+    plain = block.attn.in_proj_weight is not None and block.attn.bias_k is None  # open_clip's ViTs
+    if need_attn and mask is None and plain and _autocast_enabled(z.device.type):
         out, attn = attention_with_weights(block.attn, z)
     else:
         z_seq = z.transpose(0, 1).contiguous().transpose(0, 1)
