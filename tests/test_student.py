@@ -330,7 +330,10 @@ def test_wandb_gets_panels_of_one_size(tmp_path, monkeypatch):
     monkeypatch.setattr(logger, "log_image", lambda key, images, caption, step: logged.append((key, images, caption)))
     t = L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "run")
-    t.validate(pixelwise(num_panels=3), eval_loader(fixed_eval_set()), verbose=False)
+    try:
+        t.validate(pixelwise(num_panels=3), eval_loader(fixed_eval_set()), verbose=False)
+    finally:  # a run left open is reused by every later WandbLogger of this process (other tests)
+        logger.experiment.finish()
     ((key, images, caption),) = logged
     assert key == "val/panels" and caption == ["img0", "img1", "img2"]
     assert {im.shape for im in images} == {(40, 3 * 57 + 8, 3)}  # the tallest and the widest of the three rows
