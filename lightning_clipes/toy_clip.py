@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_clipes.components.clip_loader import compact_state_dict
+from lightning_clipes.components.clip_loader import compact_state_dict, load_clip
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE, world_token_ids
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
@@ -144,6 +144,9 @@ class ToyCLIP(L.LightningModule):
             the classes only from the last block's patch values, the path CLIP-ES's GradCAM reads,
             instead of gathering them in the early blocks. Training only: the exported model is a
             plain open_clip CLIP and the labeler runs it unmasked (method §2–3).
+        init_weights: start from these weights instead of a fresh init (a file :func:`load_clip` reads,
+            e.g. the export of an earlier phase; ``"shipped"``: the package's), for a second phase
+            with other settings; the learning-rate schedule starts again (warm-up, then cosine).
         export_path: where the compact weights go when ``fit`` ends (``null``: not exported; never
             under ``fast_dev_run``).
     """
@@ -151,7 +154,8 @@ class ToyCLIP(L.LightningModule):
     def __init__(self, model_name: str = TOY_CLIP_NAME, lr: float = 1e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 30, min_lr_ratio: float = 0.05, token_keep: float = 1.0,
                  attention_init: str = "similarity", attention_gain: float = 2.0, query_key: str = "fixed",
-                 class_token_blocks: Optional[int] = None, export_path: Optional[str] = None) -> None:
+                 class_token_blocks: Optional[int] = None, init_weights: Optional[str] = None,
+                 export_path: Optional[str] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_name, self.export_path = model_name, export_path
@@ -175,6 +179,13 @@ class ToyCLIP(L.LightningModule):
             unused = torch.ones(self.clip.token_embedding.weight.shape[0], dtype=torch.bool)
             unused[world_token_ids(self.tokenizer)] = False
             self.clip.token_embedding.weight[unused] = 0
+        if init_weights is not None:
+            try:
+                start = load_clip(model_name, init_weights).model
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"init_weights: {init_weights} not found. Point --model.init_weights at an "
+                                        "exported toy CLIP (a run's export_path) or use 'shipped'.") from err
+            self.clip.load_state_dict(start.state_dict())
         self.loss = ClipLoss()
 
     def features(self, images: torch.Tensor, tokens: torch.Tensor, keep: float = 1.0):

@@ -155,6 +155,28 @@ def test_fit_from_the_experiment_config_exports(tmp_path):
     assert not (tmp_path / "not_written.pt").exists()  # fast_dev_run never exports
 
 
+def test_a_second_phase_starts_from_the_first_phases_export(trained, tmp_path):
+    module, _, _, path = trained
+    second = ToyCLIP(model_name=TINY, init_weights=str(path))
+    for name, tensor in module.clip.state_dict().items():  # the export's float16 values, not a fresh init
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        assert torch.equal(second.clip.state_dict()[name], expected), name
+    assert second.clip.visual.conv1.weight.requires_grad  # trainable again (load_clip freezes its own copy)
+    out = tmp_path / "second.pt"
+    # the fine-tuning probe of docs/toy_clip_history.md: the shipped weights, every patch token, a new schedule
+    cli_main(["fit", "-c", str(EXPERIMENT), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--data.val_samples", "4",
+              "--model.init_weights", "shipped", "--model.token_keep", "1.0", "--model.lr", "3e-4",
+              "--model.warmup_steps", "10", "--model.export_path", str(out)])
+    shipped = load_clip(TOY_CLIP_NAME, "shipped").model.state_dict()
+    tuned = load_clip(TOY_CLIP_NAME, str(out)).model.state_dict()
+    moved = (tuned["visual.proj"] - shipped["visual.proj"]).abs().max()
+    assert 0 < moved < 0.05  # two small steps away from the shipped weights, not from a fresh init
+    with pytest.raises(FileNotFoundError, match="--model.init_weights"):
+        ToyCLIP(model_name=TINY, init_weights=str(tmp_path / "missing.pt"))
+
+
 def test_co_occurrence_and_object_crops_of_the_training_stream():
     from lightning_clipes.data.toy_scenes import HOME_BACKGROUND, render_scene
     from lightning_clipes.data.toy_captions import object_crop
