@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -85,6 +86,27 @@ def evaluate(maps, images, gts, bg_power: float, crfs: Sequence[CRFParams]) -> d
     return result, preds
 
 
+def scene_of(root: Path, image_id: str) -> str:
+    """The background an annotation names (``<scene>``, written by the toy world)."""
+    return ET.parse(root / "Annotations" / f"{image_id}.xml").findtext("scene", default="?")
+
+
+def print_per_background(preds, gts, scenes) -> None:
+    """IoU (%) of each class on each background, CAM → + CAA: where CAA gains and where it loses."""
+    cms = {}
+    for pred, gt, scene in zip(preds, gts, scenes):
+        for stage in (0, 1):
+            cms.setdefault((scene, stage), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+            cms[(scene, stage)] += confmat(pred[stage], gt)
+    backgrounds = [b for b in TOY_BACKGROUNDS if (b, 0) in cms]
+    ious = {k: 100 * iou_from_confmat(torch.from_numpy(cm))[0].numpy() for k, cm in cms.items()}
+    print("| class | " + " | ".join(backgrounds) + " |")
+    print("| --- |" + " ---: |" * len(backgrounds))
+    for c, name in enumerate(TOY_CLASSES, start=1):
+        cells = ["–" if np.isnan(ious[(b, 0)][c]) else f"{ious[(b, 0)][c]:.0f} → {ious[(b, 1)][c]:.0f}" for b in backgrounds]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
     """image | CAM | CAA | CRF | GT (the strongest map over the image's classes, then the label maps)."""
     from PIL import Image
@@ -118,6 +140,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--panels", default=None, help="folder for image | CAM | CAA | CAM-mask | CAA-mask | CRF | GT pictures")
     parser.add_argument("--num_panels", type=int, default=8)
     parser.add_argument("--per_class", action="store_true", help="also print each class's IoU per stage and labeler")
+    parser.add_argument("--per_background", action="store_true",
+                        help="also print each class's IoU on each background, CAM → + CAA, per labeler")
     args = parser.parse_args(argv)
 
     root = Path(args.root)
@@ -136,6 +160,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         softmax=row != "plain_gradcam", precision=args.precision)
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
+        if args.per_background:
+            rows[row]["preds"] = preds
         if args.panels:
             save_panels(Path(args.panels), ids, images, maps, preds, gts, row, args.num_panels)
         rows[row]["seconds"] = time.perf_counter() - start
@@ -155,6 +181,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             cells = [" / ".join("–" if np.isnan(r["per_class"][k][c]) else f"{r['per_class'][k][c]:.0f}" for k in ("cam", "caa", 0))
                      for c in range(len(names))]
             print(f"| {row} | " + " | ".join(cells) + " |")
+    if args.per_background:
+        scenes = [scene_of(root, i) for i in ids]
+        for row, r in rows.items():
+            print(f"\nIoU per class and background (%), CAM → + CAA, {row}\n")
+            print_per_background(r.pop("preds"), gts, scenes)
     return rows
 
 
