@@ -84,6 +84,29 @@ class CLIPESCLI(LightningCLI):
         parser._subcommands_action.add_subcommand(
             "select-prompt", LightningArgumentParser(), help="Rank prompt templates by sharpness (CLIP-ES Eq. 9)")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._command_line = list(sys.argv[1:]) if args is None else (list(args) if isinstance(args, (list, tuple)) else [])
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's hyperparameters fill the model's settings, but not those given on the command line.
+
+        Lightning (2.6) merges a ``--ckpt_path``'s hyperparameters over the whole model config, so
+        ``clipes test --ckpt_path BEST.ckpt --model.val_flip true`` ran without flips, silently (the
+        fix is Lightning's open PR #21455). Settings named on the command line win here; the rest,
+        architecture included, comes from the checkpoint as before (a config file does not override it:
+        the checkpoint knows the model it holds).
+        """
+        subcommand = self.config.get("subcommand")
+        given = command_line_model_keys(getattr(self, "_command_line", []))
+        model = self.config[subcommand].get("model") if subcommand else None
+        kept = {k: model.init_args[k] for k in given if model is not None and "init_args" in model and k in model.init_args}
+        super()._parse_ckpt_path()
+        merged = self.config[subcommand].get("model") if subcommand else None
+        for key, value in kept.items():
+            if merged is not None and "init_args" in merged and key in merged.init_args:  # same class as asked
+                merged.init_args[key] = value
+
     def before_instantiate_classes(self) -> None:
         """Check paths, weights and downloads; W&B goes offline (synced later) without a key or network."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -111,6 +134,20 @@ class CLIPESCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer, self.datamodule), file=sys.stderr, flush=True)
+
+
+def command_line_model_keys(argv: list[str]) -> set[str]:
+    """The model settings a command line names: ``--model.val_flip true``, ``--model.init_args.val_scales=[1]``,
+    ``--model.optimizer.init_args.lr 0.1`` -> {"val_flip", "val_scales", "optimizer"}."""
+    keys = set()
+    for token in argv:
+        if token.startswith("--model."):
+            path = token[len("--model."):].split("=", 1)[0].split(".")
+            if path[0] == "init_args":
+                path = path[1:]
+            if path and path[0]:
+                keys.add(path[0])
+    return keys
 
 
 def fit_summary(trainer: L.Trainer, datamodule) -> str:

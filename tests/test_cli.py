@@ -195,3 +195,38 @@ def test_the_suite_fails_a_test_whose_garbage_writes_a_context_variable(tmp_path
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "2 passed, 1 error" in done.stdout, done.stdout[-3000:]  # test_leaks fails at teardown, test_clean passes
     assert "ERROR test_leak.py::test_leaks" in done.stdout and "in __del__" in done.stdout
+
+
+class _Parsed(Exception):
+    def __init__(self, config):
+        self.config = config
+
+
+def test_command_line_settings_win_over_the_checkpoints_hyperparameters(tmp_path, monkeypatch):
+    """Lightning merges a checkpoint's hyperparameters over the command line (`clipes test --ckpt_path BEST.ckpt
+    --model.val_flip true` ran without flips); ours keep what the command line names and take the rest from
+    the checkpoint."""
+    import torch
+
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "lightning_clipes.SegmentationStudent", "num_classes": 3,
+                                     "arch": "FPN", "encoder_name": "resnet18", "encoder_weights": None,
+                                     "val_flip": False, "val_scales": [1.0]}}, ckpt)
+
+    def stop(self):
+        raise _Parsed(self.config[self.subcommand])
+
+    monkeypatch.setattr(cli.CLIPESCLI, "before_instantiate_classes", stop)
+    with pytest.raises(_Parsed) as parsed:
+        cli.cli_main(["validate", "--model", "lightning_clipes.SegmentationStudent", "--model.num_classes", "3",
+                      "--model.val_flip", "true", "--model.init_args.val_scales=[0.75, 1.25]",
+                      "--data", "lightning_clipes.ToyWorldDataModule", "--ckpt_path", str(ckpt)])
+    model = parsed.value.config.model.init_args
+    assert model.val_flip is True and list(model.val_scales) == [0.75, 1.25]  # named on the command line
+    assert model.arch == "FPN" and model.encoder_name == "resnet18"  # from the checkpoint, not the defaults
+
+
+def test_command_line_model_keys():
+    argv = ["validate", "-c", "x.yaml", "--model.val_flip", "true", "--model.init_args.val_scales=[1]",
+            "--model.optimizer.init_args.lr", "0.1", "--data.root", "d", "--model", "A", "--ckpt_path", "c"]
+    assert cli.command_line_model_keys(argv) == {"val_flip", "val_scales", "optimizer"}
