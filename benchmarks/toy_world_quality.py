@@ -149,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ids, images, labels, gts = read_items(root, args.split, args.images)
     side = int(np.median([max(im.shape[:2]) for im in images]))
     crfs = [CRFParams(), scaled_crf(CRFParams(), side)]
-    rows = {}
+    rows, label_maps = {}, {}  # label_maps: the CAM / CAA / CRF label maps of each row, for --per_background
     for row in args.rows.split(","):
         start = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -161,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
         if args.per_background:
-            rows[row]["preds"] = preds
+            label_maps[row] = preds
         if args.panels:
             save_panels(Path(args.panels), ids, images, maps, preds, gts, row, args.num_panels)
         rows[row]["seconds"] = time.perf_counter() - start
@@ -183,9 +183,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"| {row} | " + " | ".join(cells) + " |")
     if args.per_background:
         scenes = [scene_of(root, i) for i in ids]
-        for row, r in rows.items():
+        for row, preds in label_maps.items():
             print(f"\nIoU per class and background (%), CAM → + CAA, {row}\n")
-            print_per_background(r.pop("preds"), gts, scenes)
+            print_per_background(preds, gts, scenes)
     return rows
 
 

@@ -97,15 +97,20 @@ class CLIPESCLI(LightningCLI):
         architecture included, comes from the checkpoint as before (a config file does not override it:
         the checkpoint knows the model it holds).
         """
-        subcommand = self.config.get("subcommand")
+        asked = self._model_init_args()
         given = command_line_model_keys(getattr(self, "_command_line", []))
-        model = self.config[subcommand].get("model") if subcommand else None
-        kept = {k: model.init_args[k] for k in given if model is not None and "init_args" in model and k in model.init_args}
+        kept = {k: asked[k] for k in given if k in asked} if asked is not None else {}
         super()._parse_ckpt_path()
-        merged = self.config[subcommand].get("model") if subcommand else None
+        merged = self._model_init_args()
         for key, value in kept.items():
-            if merged is not None and "init_args" in merged and key in merged.init_args:  # same class as asked
-                merged.init_args[key] = value
+            if merged is not None and key in merged:  # the checkpoint's class takes it too
+                merged[key] = value
+
+    def _model_init_args(self):
+        """The subcommand's ``model.init_args`` (a jsonargparse Namespace, edited in place), or None."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        return model.init_args if model is not None and "init_args" in model else None
 
     def before_instantiate_classes(self) -> None:
         """Check paths, weights and downloads; W&B goes offline (synced later) without a key or network."""
