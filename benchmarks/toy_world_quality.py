@@ -1,6 +1,7 @@
 """Pseudo-label quality in the toy world: CAM / + CAA / + CRF mIoU of CLIP-ES with the shipped toy CLIP.
 
     python benchmarks/toy_world_quality.py [--images 200] [--split train] [--weights PATH] [--panels DIR]
+        [--per_class] [--per_background] [--worst N]
 
 Rows: the trained toy CLIP; the same architecture with random weights (chance level); and the
 paper's ablations with the trained weights: no background words, and plain GradCAM (gradient of
@@ -107,6 +108,13 @@ def print_per_background(preds, gts, scenes) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def worst_scenes(preds, gts, count: int) -> list[tuple[int, int]]:
+    """The ``count`` scenes where + CAA gets the most pixels wrong that the CAM got right, net:
+    (pixels lost, index), largest loss first."""
+    lost = [(int((p[0] == gt).sum()) - int((p[1] == gt).sum()), i) for i, (p, gt) in enumerate(zip(preds, gts))]
+    return sorted(lost, reverse=True)[:count]
+
+
 def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
     """image | CAM | CAA | CRF | GT (the strongest map over the image's classes, then the label maps)."""
     from PIL import Image
@@ -142,6 +150,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--per_class", action="store_true", help="also print each class's IoU per stage and labeler")
     parser.add_argument("--per_background", action="store_true",
                         help="also print each class's IoU on each background, CAM → + CAA, per labeler")
+    parser.add_argument("--worst", type=int, default=0, help="also list the N scenes where + CAA loses most pixels "
+                        "against the CAM (with --panels: their pictures instead of the first scenes')")
     args = parser.parse_args(argv)
 
     root = Path(args.root)
@@ -160,10 +170,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         softmax=row != "plain_gradcam", precision=args.precision)
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
-        if args.per_background:
+        if args.per_background or args.worst:
             label_maps[row] = preds
         if args.panels:
-            save_panels(Path(args.panels), ids, images, maps, preds, gts, row, args.num_panels)
+            chosen = [i for _, i in worst_scenes(preds, gts, args.worst)] if args.worst else range(min(args.num_panels, len(ids)))
+            picked = ([seq[i] for i in chosen] for seq in (ids, images, maps, preds, gts))
+            save_panels(Path(args.panels), *picked, row, len(chosen))
         rows[row]["seconds"] = time.perf_counter() - start
     print(f"\n{len(ids)} images of {args.split} ({root}), template {args.template!r}, box {args.box_threshold}, "
           f"affinity layers {args.affinity_layers}, bg power {args.bg_power}, precision {args.precision}; CRF scaled: sxy "
@@ -186,6 +198,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for row, preds in label_maps.items():
             print(f"\nIoU per class and background (%), CAM → + CAA, {row}\n")
             print_per_background(preds, gts, scenes)
+    if args.worst:
+        for row, preds in label_maps.items():
+            total = sum(int((p[0] == gt).sum()) - int((p[1] == gt).sum()) for p, gt in zip(preds, gts))
+            print(f"\nScenes where + CAA loses most against the CAM, {row} (all {len(ids)} scenes: {total} pixels net)\n")
+            print("| scene | background | classes | pixels lost |")
+            print("| --- | --- | --- | ---: |")
+            for lost, i in worst_scenes(preds, gts, args.worst):
+                names = ", ".join(TOY_CLASSES[c] for c in labels[i])
+                print(f"| {ids[i]} | {scene_of(root, ids[i])} | {names} | {lost} |")
     return rows
 
 
