@@ -108,11 +108,14 @@ def print_per_background(preds, gts, scenes) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def caa_pixel_losses(preds, gts) -> list[int]:
+    """Per scene, the pixels the CAM labels right minus those + CAA labels right (negative: CAA gains)."""
+    return [int((p[0] == gt).sum()) - int((p[1] == gt).sum()) for p, gt in zip(preds, gts)]
+
+
 def worst_scenes(preds, gts, count: int) -> list[tuple[int, int]]:
-    """The ``count`` scenes where + CAA gets the most pixels wrong that the CAM got right, net:
-    (pixels lost, index), largest loss first."""
-    lost = [(int((p[0] == gt).sum()) - int((p[1] == gt).sum()), i) for i, (p, gt) in enumerate(zip(preds, gts))]
-    return sorted(lost, reverse=True)[:count]
+    """The ``count`` scenes where + CAA loses most against the CAM: (pixels lost, index), largest first."""
+    return sorted(((lost, i) for i, lost in enumerate(caa_pixel_losses(preds, gts))), reverse=True)[:count]
 
 
 def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
@@ -200,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print_per_background(preds, gts, scenes)
     if args.worst:
         for row, preds in label_maps.items():
-            total = sum(int((p[0] == gt).sum()) - int((p[1] == gt).sum()) for p, gt in zip(preds, gts))
+            total = sum(caa_pixel_losses(preds, gts))
             print(f"\nScenes where + CAA loses most against the CAM, {row} (all {len(ids)} scenes: {total} pixels net)\n")
             print("| scene | background | classes | pixels lost |")
             print("| --- | --- | --- | ---: |")
