@@ -113,9 +113,10 @@ def caa_pixel_losses(preds, gts) -> list[int]:
     return [int((p[0] == gt).sum()) - int((p[1] == gt).sum()) for p, gt in zip(preds, gts)]
 
 
-def worst_scenes(preds, gts, count: int) -> list[tuple[int, int]]:
-    """The ``count`` scenes where + CAA loses most against the CAM: (pixels lost, index), largest first."""
-    return sorted(((lost, i) for i, lost in enumerate(caa_pixel_losses(preds, gts))), reverse=True)[:count]
+def worst_scenes(losses: list[int], count: int) -> list[tuple[int, int]]:
+    """The ``count`` scenes where + CAA loses most (``losses`` from :func:`caa_pixel_losses`): (pixels lost,
+    index), largest first."""
+    return sorted(((lost, i) for i, lost in enumerate(losses)), reverse=True)[:count]
 
 
 def save_panels(folder: Path, ids, images, maps, preds, gts, tag: str, count: int) -> None:
@@ -162,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ids, images, labels, gts = read_items(root, args.split, args.images)
     side = int(np.median([max(im.shape[:2]) for im in images]))
     crfs = [CRFParams(), scaled_crf(CRFParams(), side)]
-    rows, label_maps = {}, {}  # label_maps: the CAM / CAA / CRF label maps of each row, for --per_background
+    rows, label_maps, losses = {}, {}, {}  # per row: label maps for --per_background, pixels lost to CAA for --worst
     for row in args.rows.split(","):
         start = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -173,10 +174,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         softmax=row != "plain_gradcam", precision=args.precision)
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
-        if args.per_background or args.worst:
+        if args.per_background:
             label_maps[row] = preds
+        if args.worst:
+            losses[row] = caa_pixel_losses(preds, gts)
         if args.panels:
-            chosen = [i for _, i in worst_scenes(preds, gts, args.worst)] if args.worst else range(min(args.num_panels, len(ids)))
+            chosen = [i for _, i in worst_scenes(losses[row], args.worst)] if args.worst else range(min(args.num_panels, len(ids)))
             picked = ([seq[i] for i in chosen] for seq in (ids, images, maps, preds, gts))
             save_panels(Path(args.panels), *picked, row, len(chosen))
         rows[row]["seconds"] = time.perf_counter() - start
@@ -201,15 +204,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for row, preds in label_maps.items():
             print(f"\nIoU per class and background (%), CAM → + CAA, {row}\n")
             print_per_background(preds, gts, scenes)
-    if args.worst:
-        for row, preds in label_maps.items():
-            total = sum(caa_pixel_losses(preds, gts))
-            print(f"\nScenes where + CAA loses most against the CAM, {row} (all {len(ids)} scenes: {total} pixels net)\n")
-            print("| scene | background | classes | pixels lost |")
-            print("| --- | --- | --- | ---: |")
-            for lost, i in worst_scenes(preds, gts, args.worst):
-                names = ", ".join(TOY_CLASSES[c] for c in labels[i])
-                print(f"| {ids[i]} | {scene_of(root, ids[i])} | {names} | {lost} |")
+    for row, lost_per_scene in losses.items():
+        print(f"\nScenes where + CAA loses most against the CAM, {row} (all {len(ids)} scenes: "
+              f"{sum(lost_per_scene)} pixels net)\n")
+        print("| scene | background | classes | pixels lost |")
+        print("| --- | --- | --- | ---: |")
+        for lost, i in worst_scenes(lost_per_scene, args.worst):
+            names = ", ".join(TOY_CLASSES[c] for c in labels[i])
+            print(f"| {ids[i]} | {scene_of(root, ids[i])} | {names} | {lost} |")
     return rows
 
 
