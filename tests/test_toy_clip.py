@@ -206,3 +206,27 @@ def test_items_mark_the_classes_their_caption_names():
         _, _, present = data[i]
         named = {c for c in TOY_CLASSES if f"a {c}" in text}
         assert {TOY_CLASSES[k] for k in present.nonzero().flatten().tolist()} == named == set(labels)
+
+
+def test_background_only_items_name_their_background_alone():
+    from lightning_clipes.data.toy_captions import ToyCaptionDataset
+    from lightning_clipes.data.toy_scenes import render_background, render_scene
+
+    tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
+    data = ToyCaptionDataset(0, FIRST_CLIP_INDEX, 60, 64, tokenizer, p_crop=0.5, p_empty=0.5)
+    empty = [i for i in range(len(data)) if not data.image_and_caption(i)[1]]
+    assert 18 <= len(empty) <= 42  # about half
+    for i in empty[:6]:
+        image, _, text = data.image_and_caption(i)
+        kind = text[len("a photo of a "):-1]
+        assert text == TOY_TEMPLATE.format(kind) and kind in TOY_BACKGROUNDS
+        assert image.shape == (64, 64, 3) and not data[i][2].any()
+        # the same texture as that background's pixels in the world's scenes
+        scenes = [s for s in (render_scene(0, j, 64) for j in range(80)) if s.background == kind][:3]
+        seen = np.concatenate([s.image[s.mask == 0] for s in scenes]).astype(float).mean(0)
+        assert np.abs(image.reshape(-1, 3).mean(0) - seen).max() < 25
+    np.testing.assert_array_equal(render_background(0, 5, "wall", 32), render_background(0, 5, "wall", 32))
+    plain = ToyCaptionDataset(0, FIRST_CLIP_INDEX, 8, 64, tokenizer, p_crop=0.5)
+    zero = ToyCaptionDataset(0, FIRST_CLIP_INDEX, 8, 64, tokenizer, p_crop=0.5, p_empty=0.0)
+    for i in range(8):  # p_empty = 0 leaves the stream the shipped CLIP was trained on untouched
+        np.testing.assert_array_equal(plain.image_and_caption(i)[0], zero.image_and_caption(i)[0])

@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES, render_scene
+from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES, render_background, render_scene
 
 TOY_CLIP_NAME = "clipes-toy-ViT"  # the registered config these captions train (lightning_clipes.toy_clip.ToyCLIP)
 TOY_TEMPLATE = "a photo of a {}."  # the captions' own phrasing, the labeler's template for this world
@@ -75,9 +75,10 @@ class ToyCaptionDataset(Dataset):
 
     def __init__(self, seed: int, first_index: int, length: int, image_size: int, tokenizer,
                  p_background: float = 0.8, low_res_size: int = 64, low_res_items: int = 0,
-                 p_home: float = 0.8, home_weight: float = 10.0, p_crop: float = 0.0, crop_min: float = 0.3) -> None:
+                 p_home: float = 0.8, home_weight: float = 10.0, p_crop: float = 0.0, crop_min: float = 0.3,
+                 p_empty: float = 0.0) -> None:
         self.seed, self.first_index, self.length = seed, first_index, length
-        self.p_crop, self.crop_min = p_crop, crop_min
+        self.p_crop, self.crop_min, self.p_empty = p_crop, crop_min, p_empty
         self.p_home, self.home_weight = p_home, home_weight
         self.image_size, self.tokenizer, self.p_background = image_size, tokenizer, p_background
         self.low_res_size, self.low_res_items = low_res_size, low_res_items
@@ -92,6 +93,9 @@ class ToyCaptionDataset(Dataset):
         index = self.first_index + i
         size = self.low_res_size if i < self.low_res_items else self.image_size
         rng = np.random.default_rng([self.seed, index, 1])
+        if self.p_empty > 0 and rng.random() < self.p_empty:
+            kind = TOY_BACKGROUNDS[int(rng.integers(len(TOY_BACKGROUNDS)))]
+            return render_background(self.seed, index, kind, size), [], TOY_TEMPLATE.format(kind)
         if self.p_crop > 0 and rng.random() < self.p_crop:
             scene = render_scene(self.seed, index, self.image_size, self.p_home, self.home_weight)
             cropped = object_crop(scene, rng, self.crop_min, size)
@@ -128,19 +132,24 @@ class ToyCaptionDataModule(L.LightningDataModule):
             world's own: 0.8 and 10; ``1/6`` and ``1`` draw backgrounds independently).
         p_crop, crop_min: share of training images that are square crops around an object
             (``crop_min``–1 of the side, captioned with the classes they show; see :func:`object_crop`).
+        p_empty: share of training images that show a background alone, captioned with the
+            labeler's template (``"a photo of a wall."``): the background words CLIP-ES's softmax
+            weighs the classes against then name the textures themselves.
         model_name: open_clip config whose tokenizer and context length to use.
     """
 
     def __init__(self, seed: int = 0, image_size: int = 128, num_samples: int = 100_000, val_samples: int = 512,
                  batch_size: int = 128, num_workers: int = 0, p_background: float = 0.8,
                  low_res_batches: int = 0, low_res_size: int = 64, p_home: float = 0.8, home_weight: float = 10.0,
-                 p_crop: float = 0.0, crop_min: float = 0.3, model_name: str = TOY_CLIP_NAME) -> None:
+                 p_crop: float = 0.0, crop_min: float = 0.3, p_empty: float = 0.0,
+                 model_name: str = TOY_CLIP_NAME) -> None:
         super().__init__()
         self.seed, self.image_size = seed, image_size
         self.num_samples, self.val_samples = num_samples, val_samples
         self.batch_size, self.num_workers, self.p_background = batch_size, num_workers, p_background
         self.low_res_batches, self.low_res_size = low_res_batches, low_res_size
-        self.stream = {"p_home": p_home, "home_weight": home_weight, "p_crop": p_crop, "crop_min": crop_min}
+        self.stream = {"p_home": p_home, "home_weight": home_weight, "p_crop": p_crop, "crop_min": crop_min,
+                       "p_empty": p_empty}
         self.tokenizer = open_clip.get_tokenizer(model_name)
 
     def setup(self, stage: Optional[str] = None) -> None:

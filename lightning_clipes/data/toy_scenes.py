@@ -220,6 +220,14 @@ def _place(rng, name, size, instance, image, areas) -> bool:
     return True
 
 
+def render_background(seed: int, index: int, kind: str, size: int = 128) -> np.ndarray:
+    """(size, size, 3) uint8: a background of ``kind`` with no object, with a scene's pixel noise
+    (deterministic in ``seed, index``; a stream apart from scene ``index``'s)."""
+    rng = np.random.default_rng([int(seed), int(index), 2])
+    image = _background(rng, kind, size)
+    return np.clip(np.rint(image + 3 * rng.standard_normal(image.shape, dtype=np.float32)), 0, 255).astype(np.uint8)
+
+
 def render_scene(seed: int, index: int, size: int = 128, p_home: float = P_HOME, home_weight: float = HOME_WEIGHT) -> Scene:
     """Draw scene ``index`` of the world ``seed`` at ``size`` × ``size`` pixels (deterministic).
 
