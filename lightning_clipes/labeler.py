@@ -208,7 +208,10 @@ class CLIPESLabeler(L.LightningModule):
         loader_workers = getattr(self.trainer.datamodule, "num_workers", 0)
         self._labeller = self.labeller(keep_cams=self.save_cams or self.preview_images > 0, loader_workers=loader_workers)
 
-    def predict_step(self, batch: list[dict], batch_idx: int) -> None:
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[str]:
+        """Label the batch's images that no other process has claimed. Returns their ids: each is written to
+        the store by the end of the pass (the labeller may still hold it in its CRF workers when the step
+        returns), unless it ends up in ``failed``."""
         store = self.store()
         todo = []
         for item in batch:
@@ -217,6 +220,7 @@ class CLIPESLabeler(L.LightningModule):
             elif item.get("error") is not None:
                 todo.append(item)  # reported by the labeller as failed
         self._write(self._labeller(todo))
+        return [item["id"] for item in todo]
 
     def _write(self, results: list[LabelledImage]) -> None:
         store = self.store()

@@ -296,12 +296,13 @@ class SegmentationStudent(L.LightningModule):
             if not torch.isnan(iou):
                 self.log(f"{stage}/IoU/{name}", float(iou), sync_dist=True)
 
-    def _write_predictions(self, preds: list[tuple[str, torch.Tensor]]) -> None:
+    def _write_predictions(self, preds: list[tuple[str, torch.Tensor]]) -> list[str]:
         root = Path(self.output_dir or self.trainer.default_root_dir) / "predictions"
         for image_id, pred in preds:
             buf = io.BytesIO()
             save_mask_png(buf, pred.to(torch.uint8).cpu().numpy())
             atomic_write_bytes(root / f"{image_id}.png", buf.getvalue())
+        return [image_id for image_id, _ in preds]
 
     # -------------------------------------------------------------- validation
     def _image_loggers(self) -> list:
@@ -353,5 +354,6 @@ class SegmentationStudent(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_iou("test", self.test_confmat)
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._write_predictions(self._predict(batch, "predict"))
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Write the batch's predictions as palette PNGs; returns their image ids."""
+        return self._write_predictions(self._predict(batch, "predict"))

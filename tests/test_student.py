@@ -7,6 +7,8 @@ Tiny settings only: a U-Net/ResNet-18 with random weights or a registered 1x1-co
 """
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import numpy as np
 import pytest
@@ -293,7 +295,10 @@ def test_test_and_predict_write_voc_palette_pngs(tmp_path):
     no_gt = [{**it, "mask": torch.full_like(it["mask"], 255)} for it in items]
     model = pixelwise()  # default output: trainer.default_root_dir
     t = trainer(tmp_path / "run")
-    assert t.predict(model, eval_loader(no_gt)) == [None, None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert t.predict(model, eval_loader(no_gt)) == [["2007_000000"], ["2007_000001"]]  # the ids it wrote
+    assert not [w for w in caught if "predict returned None" in str(w.message)]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "run" / "predictions" / "2007_000001.png")), labels[1])
     t.test(model, eval_loader(no_gt), verbose=False)
     assert "test/mIoU" not in t.callback_metrics
