@@ -26,6 +26,7 @@ from lightning_clipes.components.labelling import (
     CONFIDENCE_CRF, CONFIDENCE_NO_CRF, LabelledImage, Labeller, available_cpus,
 )
 from lightning_clipes.components.prompts import CLIPES_TEMPLATE, check_templates, create_background, create_vocabulary
+from lightning_clipes.data.labeler_datamodule import LabelerDataModule
 from lightning_clipes.data.store import ClaimOwner, PseudoLabelStore, StoreWriter, atomic_write_bytes, image_record
 from lightning_clipes.data.store_key import digest, labeler_identity, weights_digest
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
@@ -189,7 +190,10 @@ class CLIPESLabeler(L.LightningModule):
         if dataset is not None:  # skip what is already done before any image is decoded
             current = [i for i, path, labels in zip(dataset.ids, dataset.image_paths, dataset.labels)
                        if _is_current(store, i, path, labels)]
-            dm.dataset = dataset.without(current)
+            if isinstance(dm, LabelerDataModule):
+                dm.skip_ids = frozenset(current)
+            else:  # a datamodule of the user's own: its predict loader reads .dataset
+                dm.dataset = dataset.without(current)
             self.reused = len(current)
         if self.trainer.is_global_zero:
             store.clean_temporary()

@@ -54,10 +54,11 @@ def test_rerun_skips_finished_images_and_redoes_missing_ones(synthetic_voc, tiny
     cli = run("predict", synthetic_voc, tiny_openai_ckpt, out)
     assert masks[0].exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != masks[0])
-    masks[1].unlink()  # once more in this process: trainer.predict returns the ids labelled, only the missing one
-    cli.datamodule.dataset = None  # setup narrowed it to the images then missing; read the split afresh
+    masks[1].unlink()  # once more in this process, same datamodule: trainer.predict returns the ids labelled
     done = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     assert [i for batch in done for i in batch] == [masks[1].stem] and masks[1].exists()
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)  # predict's skipping leaves validate every image
+    assert sorted(cli.trainer.val_dataloaders.dataset.ids) == sorted(read_split(synthetic_voc, "train"))
 
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(synthetic_voc, tiny_openai_ckpt, tmp_path, monkeypatch):

@@ -105,6 +105,9 @@ class LabelerDataModule(L.LightningDataModule):
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.skip_unreadable = skip_unreadable
         self.dataset: Optional[LabeledImages] = None
+        # images predict leaves out (already current in the store), set by the labeler's setup for each
+        # predict; the dataset itself stays whole, so a later predict or validate in this process sees every image
+        self.skip_ids: frozenset[str] = frozenset()
 
     @property
     def class_names(self) -> list[str]:
@@ -141,13 +144,14 @@ class LabelerDataModule(L.LightningDataModule):
                 "Use predict to only write pseudo-labels."
             )
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, skip: frozenset[str] = frozenset()) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        dataset = self.dataset.without(skip) if skip else self.dataset
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=collate_items)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader(self.skip_ids)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()
