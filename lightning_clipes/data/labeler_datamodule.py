@@ -184,7 +184,9 @@ class VOCDataModule(LabelerDataModule):
 
 
 class SyntheticVOCDataModule(LabelerDataModule):
-    """The embedded default: the package's synthetic VOC-format dataset, written on first use.
+    """The package's small synthetic VOC-format dataset (three classes, large objects), written on first
+    use: a quick check of a pipeline. A random CLIP already scores well on it; the embedded default
+    is the toy world (:class:`~lightning_clipes.data.segmentation_datamodule.ToyWorldDataModule`).
 
     Args:
         root: where to write it. num_train, num_val: images in ``train`` and ``val``. seed: its seed.
