@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from lightning_clipes.components.deeplabv2 import ASPPv2, DeepLabV2
+from lightning_clipes.components.losses import confidence_guided_loss, multi_scale_inputs_loss
 from lightning_clipes.components.student_factory import available_architectures, create_student
 from lightning_clipes.student import SegmentationStudent
 
@@ -172,6 +173,25 @@ def test_deeplab_parameter_groups_and_poly_schedule(tmp_path):
     for k, step_lrs in enumerate(lrs):
         assert step_lrs == pytest.approx([b * (1 - k / 4) ** 0.9 for b in base], rel=1e-9)
     assert len(lrs) == 4
+
+
+def test_msc_training_from_the_config(monkeypatch):
+    model = student_from_config()
+    assert model.msc_scales == [0.5, 0.75]  # deeplab-pytorch's DeepLabV2_ResNet101_MSC
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    model.train()
+    batch = next(iter(DataLoader(random_crops(2), batch_size=2)))
+    loss = model.training_step(batch, 0)
+    expected = multi_scale_inputs_loss(model.model, batch["image"], batch["mask"], [0.5, 0.75])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    single = student_from_config(msc_scales=[])
+    monkeypatch.setattr(single, "log", lambda *args, **kwargs: None)
+    single.train()
+    one = single.training_step(batch, 0)  # same seed, same weights: the crop alone
+    assert one.item() == pytest.approx(confidence_guided_loss(single.model(batch["image"]), batch["mask"]).item())
+    assert loss.item() > 2 * one.item()
+    with pytest.raises(ValueError, match="msc_scales"):
+        student_from_config(msc_scales=[-0.5])
 
 
 # ------------------------------------------------------------------------------ warm start

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_clipes.components.losses import confidence_guided_loss
+from lightning_clipes.components.losses import confidence_guided_loss, multi_scale_inputs_loss
 from lightning_clipes.components.student_factory import (
     IMAGENET_MEAN, IMAGENET_STD, create_student, encoder_normalisation, register_architecture,
 )
@@ -112,6 +112,33 @@ def test_cgl_matches_torch_cross_entropy_and_resizes_logits():
         F.cross_entropy(up, target, ignore_index=255).item(), rel=1e-5)
     with pytest.raises(ValueError, match="num_classes"):
         confidence_guided_loss(logits, torch.full((3, 16, 12), 7))
+
+
+def test_msc_loss_sums_the_crop_each_scale_and_their_max_against_literal_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    net = nn.Conv2d(3, 4, 1)  # per-pixel logits, so each scale's map is the net on that scale's pixels
+    with torch.no_grad():
+        net.weight.copy_(3 * torch.randn(4, 3, 1, 1, generator=g))
+        net.bias.copy_(torch.randn(4, generator=g))
+    images = torch.rand(2, 3, 8, 8, generator=g)
+    target = torch.randint(0, 4, (2, 8, 8), generator=g)
+    target[torch.rand(2, 8, 8, generator=g) < 0.3] = 255
+    loss = multi_scale_inputs_loss(net, images, target, [0.5])
+
+    def literal_ce(logits):  # mean over the kept pixels of log-sum-exp minus the target's logit
+        kept = target != 255
+        picked = logits.gather(1, target.clamp(max=3)[:, None])[:, 0]
+        return (logits.logsumexp(1) - picked)[kept].mean()
+
+    full = net(images)
+    half = net(images.reshape(2, 3, 4, 2, 4, 2).mean((3, 5)))  # bilinear 0.5 of an even side = mean of 2 x 2
+    half_up = F.interpolate(half, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = literal_ce(full) + literal_ce(half_up) + literal_ce(torch.maximum(full, half_up))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() > 2.5 * confidence_guided_loss(full, target).item()  # a sum of three terms, not a mean
+    for bad in ([], [0.5, 0.0]):
+        with pytest.raises(ValueError, match="scales"):
+            multi_scale_inputs_loss(net, images, target, bad)
 
 
 # ----------------------------------------------------------------- factory / forward

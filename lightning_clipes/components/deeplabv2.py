@@ -5,7 +5,8 @@ whose last two stages are dilated (output stride 8), followed by an ASPP of four
 convolutions with dilation 6, 12, 18 and 24 that go *straight to class logits* and are summed (no
 BatchNorm, no 1x1 projection, no image pooling: that is DeepLab v3's ASPP). BatchNorm is frozen for
 the whole training (running statistics and affine parameters stay as initialised), because a batch
-of 10 crops of 321 px is too small to estimate them.
+of 10 crops of 321 px is too small to estimate them. The ``MSC`` wrapper's multi-scale-input training is
+the student's ``msc_scales`` (:func:`~lightning_clipes.components.losses.multi_scale_inputs_loss`).
 
     net = DeepLabV2("resnet101", "imagenet", num_classes=21)  # smp's ResNet-101, dilated to stride 8
     logits = net(x)          # (B, 21, ceil(H/8), ceil(W/8)) for normalised (B, 3, H, W) images

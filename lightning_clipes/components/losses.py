@@ -4,8 +4,14 @@ The pseudo-mask already carries the confidence: the DataModule sets every pixel 
 below the threshold (0.95 in the paper) to ``ignore_index``, as well as crop padding. The loss is then
 the cross-entropy over the remaining pixels; ignored pixels contribute exactly nothing, not even a
 gradient.
+
+:func:`multi_scale_inputs_loss` is deeplab-pytorch's MSC training (``DeepLabV2_ResNet101_MSC``, the
+network CLIP-ES trains its student with): the same crop also at smaller input scales, the loss summed
+over each scale's logits and their pixel-wise maximum.
 """
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +53,23 @@ def confidence_guided_loss(logits: torch.Tensor, target: torch.Tensor, ignore_in
     # reduction="sum" and our own count instead of "mean": the mean divides 0 by 0 when all pixels are ignored.
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     return loss_sum / kept.sum().clamp_min(1)
+
+
+def multi_scale_inputs_loss(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, target: torch.Tensor,
+                            scales: Sequence[float], ignore_index: int = 255) -> torch.Tensor:
+    """deeplab-pytorch's multi-scale-input (MSC) training loss, with the confidence-guided loss per term.
+
+    ``model`` maps (B, 3, H, W) to (B, C, h, w) logits. The crop goes in as it is and resized bilinearly
+    (align_corners=False) by each factor of ``scales`` (deeplab-pytorch: 0.5 and 0.75); the scaled
+    logits are resized to the full input's logits and fused by their pixel-wise maximum. Returns the
+    *sum* (as deeplab-pytorch, not the mean) of :func:`confidence_guided_loss` of the full-scale logits,
+    of each scale's logits and of the fused ones. Each term resizes its logits to the target (ours;
+    deeplab-pytorch shrinks the labels to each logit map with nearest neighbour instead).
+    """
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty list of positive factors, got {list(scales)}.")
+    logits = model(images)
+    scaled = [model(F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)) for s in scales]
+    resized = [F.interpolate(x, size=logits.shape[-2:], mode="bilinear", align_corners=False) for x in scaled]
+    fused = torch.stack([logits, *resized]).amax(dim=0)
+    return sum(confidence_guided_loss(x, target, ignore_index) for x in (logits, *scaled, fused))
