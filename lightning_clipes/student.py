@@ -37,7 +37,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lightning_clipes.components.crf import CRFParams, dense_crf, require_crf
+from lightning_clipes.components.crf import STUDENT_CRF, CRFParams, dense_crf, require_crf
 from lightning_clipes.components.losses import confidence_guided_loss, multi_scale_inputs_loss
 from lightning_clipes.components.param_groups import apply_lr_multipliers, check_group_settings, parameter_groups
 from lightning_clipes.components.student_factory import (
@@ -46,31 +46,13 @@ from lightning_clipes.components.student_factory import (
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.voc_format import save_mask_png
 from lightning_clipes.metrics import iou_from_confmat, segmentation_confmat
-from lightning_clipes.visualize import colour_mask, pad_to_common_size, tile_row
+from lightning_clipes.visualize import image_panel, pad_to_common_size
 
 IGNORE_INDEX = 255
-
-# The evaluation CRF of deeplab-pytorch (kazuto1011/deeplab-pytorch, configs/voc12.yaml, block CRF:
-# ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3), the code CLIP-ES trains and
-# evaluates its student with. They are the same numbers as CLIP-ES's pseudo-label CRF (which took them
-# from there), written out here so that a change of the labeler's CRF does not change the evaluation.
-# deeplab-pytorch feeds its CRF the mean-subtracted BGR image cast to uint8 (it wraps around, as in §5 of
-# method.md); we give the real RGB image.
-STUDENT_CRF = CRFParams(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
-                        bilateral_srgb=3.0, bilateral_compat=4.0)
-
 
 def poly_factor(step: int, total_steps: int, power: float) -> float:
     """Poly learning-rate multiplier ``(1 - step / total_steps) ** power``, 0 from ``total_steps`` on."""
     return (1.0 - min(step, total_steps) / total_steps) ** power
-
-
-def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pseudo: Optional[np.ndarray] = None) -> np.ndarray:
-    """One row, image | ground truth | [pseudo-label |] prediction over the image: (H, W, 3) uint8, (H, W) uint8
-    masks -> (H, 3W + 8, 3) uint8, or (H, 4W + 12, 3) with the pseudo-label (void = 255 shows in the
-    palette's cream: ignored pixels of the pseudo-label)."""
-    middle = [colour_mask(pseudo)] if pseudo is not None and pseudo.shape == gt.shape else []
-    return tile_row([image, colour_mask(gt), *middle, colour_mask(pred, image)])
 
 
 class SegmentationStudent(L.LightningModule):

@@ -1,4 +1,5 @@
-"""Pictures of pseudo-labels: image | strongest cam | mask over the image (| ground truth)."""
+"""Pictures: pseudo-labels (image | strongest cam | mask over the image | ground truth) and the student's
+validation panels (image | ground truth | pseudo-label | prediction)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -70,3 +71,11 @@ def pad_to_common_size(pictures: list[np.ndarray], fill: int = 255) -> list[np.n
         canvas[: p.shape[0], : p.shape[1]] = p
         out.append(canvas)
     return out
+
+
+def image_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, pseudo: Optional[np.ndarray] = None) -> np.ndarray:
+    """One row, image | ground truth | [pseudo-label |] prediction over the image: (H, W, 3) uint8, (H, W) uint8
+    masks -> (H, 3W + 8, 3) uint8, or (H, 4W + 12, 3) with the pseudo-label (void = 255 shows in the
+    palette's cream: ignored pixels of the pseudo-label)."""
+    middle = [colour_mask(pseudo)] if pseudo is not None and pseudo.shape == gt.shape else []
+    return tile_row([image, colour_mask(gt), *middle, colour_mask(pred, image)])

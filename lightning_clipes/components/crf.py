@@ -56,6 +56,16 @@ class CRFParams:
                 raise ValueError(f"CRFParams.{name} must be > 0 (a kernel width), got {getattr(self, name)!r}")
 
 
+# The evaluation CRF of deeplab-pytorch (kazuto1011/deeplab-pytorch, configs/voc12.yaml, block CRF:
+# ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3), the code CLIP-ES trains and
+# evaluates its student with. They are the same numbers as CLIP-ES's pseudo-label CRF (which took them
+# from there), written out here so that a change of the labeler's CRF does not change the evaluation.
+# deeplab-pytorch feeds its CRF the mean-subtracted BGR image cast to uint8 (it wraps around, as in §5 of
+# method.md); we give the real RGB image.
+STUDENT_CRF = CRFParams(iterations=10, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
+                        bilateral_srgb=3.0, bilateral_compat=4.0)
+
+
 def _import_densecrf():
     try:
         from pydensecrf import densecrf
