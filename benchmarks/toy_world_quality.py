@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning_clipes.components.clipes import CLIPES
 from lightning_clipes.components.crf import CRFParams, crf_label
 from lightning_clipes.components.pseudo_mask import cams_to_label, class_ids, scores_with_background
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE
+from lightning_clipes.data.synthetic import read_marker
 from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
 from lightning_clipes.data.toy_world import MARKER, ToyWorldSource
 from lightning_clipes.data.voc_format import load_mask, load_rgb
@@ -41,15 +41,6 @@ def scaled_crf(params: CRFParams, image_side: int, reference_side: int = 500) ->
     f = image_side / reference_side
     return dataclasses.replace(params, gaussian_sxy=max(1.0, params.gaussian_sxy * f),
                                bilateral_sxy=max(1.0, params.bilateral_sxy * f))
-
-
-def written_world(root: Path) -> dict:
-    """The sizes and seed of the world already at ``root`` (its marker), so that scoring it never rewrites
-    a world a job made with other sizes; {} (the default world) when there is none yet."""
-    try:
-        return json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def read_items(root: Path, split: str, count: int):
@@ -169,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
 
     root = Path(args.root)
-    ToyWorldSource(root, **written_world(root)).prepare()
+    ToyWorldSource(root, **(read_marker(root / MARKER) or {})).prepare()  # a world already there: as it was written
     ids, images, labels, gts = read_items(root, args.split, args.images)
     side = int(np.median([max(im.shape[:2]) for im in images]))
     crfs = [CRFParams(), scaled_crf(CRFParams(), side)]

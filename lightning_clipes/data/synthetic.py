@@ -19,7 +19,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -195,12 +195,17 @@ def writer_lock(root: PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def read_marker(marker: Path) -> Optional[dict]:
+    """The parameters a dataset's completion marker records; None when it is missing or damaged."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def marker_matches(marker: Path, params: dict) -> bool:
     """The dataset's completion marker records exactly ``params`` (a damaged marker counts as missing)."""
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")) == params
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    return read_marker(marker) == params
 
 
 def ensure_written(write, params_of, marker_name: str, root: PathLike, kwargs: dict, caller: str) -> Path:
