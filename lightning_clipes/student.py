@@ -41,7 +41,7 @@ from lightning_clipes.components.crf import STUDENT_CRF, CRFParams, dense_crf, r
 from lightning_clipes.components.losses import confidence_guided_loss, multi_scale_inputs_loss
 from lightning_clipes.components.param_groups import apply_lr_multipliers, check_group_settings, parameter_groups
 from lightning_clipes.components.student_factory import (
-    PaddedSegmenter, create_student, encoder_normalisation, load_network_weights,
+    SHIPPED_ENCODER, PaddedSegmenter, create_student, encoder_normalisation, load_network_weights, shipped_encoder,
 )
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.voc_format import save_mask_png
@@ -99,7 +99,10 @@ class SegmentationStudent(L.LightningModule):
         crf_params: that CRF's iterations and kernels; default :data:`STUDENT_CRF` (deeplab-pytorch's).
         init_checkpoint: start from the network weights of a checkpoint (a SegmentationStudent ``.ckpt``
             or a state dict of the same architecture), e.g. a student trained on COCO; loaded here, not
-            saved in the hyper-parameters (the weights are in every checkpoint of this run).
+            saved in the hyper-parameters (the weights are in every checkpoint of this run). ``shipped``: the
+            toy-world encoder the package ships for ``encoder_name`` (with ``init_exclude: [decoder,
+            segmentation_head]``; see :mod:`lightning_clipes.toy_encoder`), the toy student's stand-in for
+            the paper's ImageNet initialisation.
         init_exclude: modules of the network that keep their fresh initialisation instead (e.g. ``[aspp]``
             for DeepLabV2 or ``[segmentation_head]`` for smp models when the checkpoint has another
             number of classes). Any other difference is an error that names the keys.
@@ -157,6 +160,8 @@ class SegmentationStudent(L.LightningModule):
             require_crf()  # fail at start, naming the install command, not after the first validation
         check_group_settings(head_lr_mult, head_bias_lr_mult, head_bias_weight_decay)
         net = create_student(arch, encoder_name, encoder_weights, num_classes, arch_kwargs)
+        if init_checkpoint == SHIPPED_ENCODER:
+            init_checkpoint = shipped_encoder(encoder_name)
         if init_checkpoint is not None:
             load_network_weights(net, init_checkpoint, init_exclude)
         elif init_exclude:

@@ -231,6 +231,26 @@ def _first(names: Sequence[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f", … ({len(names) - n} more)" if len(names) > n else "")
 
 
+SHIPPED_ENCODER = "shipped"  # init_checkpoint tag: the package's toy-world encoder for the student's encoder_name
+
+
+def shipped_encoder(encoder_name: str) -> str:
+    """The file behind ``init_checkpoint: shipped``: the toy-world encoder the package ships for
+    ``encoder_name`` (``lightning_clipes/weights/toy-encoder-<encoder_name>.pt``, written by
+    :class:`lightning_clipes.toy_encoder.ToyEncoder`)."""
+    from lightning_clipes.components.clip_loader import WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / f"toy-encoder-{encoder_name}.pt"
+    if not path.is_file():
+        have = sorted(p.stem[len("toy-encoder-"):] for p in WEIGHTS_DIR.glob("toy-encoder-*.pt"))
+        raise FileNotFoundError(
+            f"The package ships no toy-world encoder for {encoder_name!r} (it has: {', '.join(have) or 'none'}). "
+            "Train one with `clipes fit -c experiments/toy_encoder.yaml --model.encoder_name NAME "
+            "--model.export_path FILE` and pass --model.init_checkpoint FILE, or set --model.init_checkpoint null."
+        )
+    return str(path)
+
+
 def load_network_weights(net: nn.Module, path: str, exclude: Sequence[str] = ()) -> list[str]:
     """Copy the weights of a checkpoint into ``net`` (a warm start), except the modules in ``exclude``.
 
