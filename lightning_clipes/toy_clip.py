@@ -11,6 +11,7 @@ embedding rows of the world's vocabulary, the rest of open_clip's 49,408 rows he
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ from open_clip.loss import ClipLoss
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_clipes.components.clip_loader import compact_state_dict, load_clip
+from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE, world_token_ids
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
@@ -251,10 +253,9 @@ class ToyCLIP(L.LightningModule):
     def export(self, path: str) -> Path:
         """Write the compact weights (float16, world's token rows only) that ``load_clip`` reads."""
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(compact_state_dict(self.clip.state_dict(), self.model_name), tmp)
-        tmp.replace(path)
+        buf = io.BytesIO()
+        torch.save(compact_state_dict(self.clip.state_dict(), self.model_name), buf)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     def on_fit_end(self) -> None:

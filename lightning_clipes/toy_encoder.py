@@ -9,10 +9,11 @@ indices no dataset split uses; the image-level labels are the weak supervision t
 At the end of ``fit`` the encoder's weights are exported as float16 under the keys the student's network
 gives them (``encoder.…``), the file that ``SegmentationStudent(init_checkpoint=…, init_exclude=[decoder,
 segmentation_head])`` loads; ``init_checkpoint: shipped`` picks the package's own
-(``lightning_clipes/weights/toy-encoder-<encoder_name>.pt``).
+(``lightning_clipes/weights/encoders/<encoder_name>.pt``).
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_clipes.components.student_factory import create_student, encoder_normalisation
+from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
 class ToyEncoder(L.LightningModule):
@@ -99,12 +101,11 @@ class ToyEncoder(L.LightningModule):
     def export(self, path: str) -> Path:
         """Write the encoder's weights (float16, keys ``encoder.…``) where ``init_checkpoint`` can load them."""
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {f"encoder.{k}": (v.half() if v.is_floating_point() else v).clone()
                  for k, v in self.encoder.state_dict().items()}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     def on_fit_end(self) -> None:

@@ -44,14 +44,15 @@ def tiny_overrides(config: Path, voc: Path, ckpt: Path, out: Path) -> list[str]:
                 "--model.export_path", "null"]
     common = ["--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
               "--trainer.devices", "1", "--trainer.fast_dev_run", "1", *data_overrides(config, voc, out)]
-    data = str(yaml.safe_load(config.read_text())["data"])
+    cfg = yaml.safe_load(config.read_text())
+    data = str(cfg["data"])
     if is_labeler(config):  # the toy world keeps its shipped toy CLIP; other data get the tiny random one
         weights = [] if "ToyWorld" in data else ["--model.pretrained", str(ckpt)]
         return common + ["--trainer.logger", "false", "--data.num_workers", "0", *weights, "--model.affinity_layers", "2"]
     common += ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(out)]  # W&B stays out of tests
     if "labeler" in data and "ToyWorld" not in data:
         common += ["--data.labeler.init_args.pretrained", str(ckpt), "--data.labeler.init_args.affinity_layers", "2"]
-    model = yaml.safe_load(config.read_text())["model"].get("init_args", {})
+    model = cfg["model"].get("init_args", {})
     # a config that starts from shipped weights keeps its encoder (the file fits only that one)
     encoder = [] if model.get("init_checkpoint") else ["--model.encoder_name", "resnet18", "--model.encoder_weights", "null"]
     return common + ["--data.store_dir", str(out / "store"), "--data.num_workers", "0", "--data.crop_size", "32",

@@ -95,7 +95,7 @@ def test_the_embedded_default_starts_from_the_shipped_encoder():
     model = yaml.safe_load((REPO / "experiments" / "synthetic.yaml").read_text())["model"]["init_args"]
     recipe = yaml.safe_load((REPO / "experiments" / "toy_encoder.yaml").read_text())["model"]["init_args"]
     assert model["init_checkpoint"] == "shipped" and model["encoder_weights"] is None
-    assert model["encoder_name"] == recipe["encoder_name"] and recipe["export_path"].endswith(f"toy-encoder-{ENCODER}.pt")
+    assert model["encoder_name"] == recipe["encoder_name"] and recipe["export_path"].endswith(f"encoders/{ENCODER}.pt")
     student = SegmentationStudent(num_classes=11, arch=model["arch"], encoder_name=model["encoder_name"],
                                   encoder_weights=None, init_checkpoint="shipped", init_exclude=model["init_exclude"])
     shipped = torch.load(shipped_encoder(ENCODER), weights_only=True)

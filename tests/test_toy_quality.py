@@ -102,7 +102,7 @@ def test_select_prompt_ranks_the_captions_phrasing_above_nonsense(world, tmp_pat
 
 def test_student_of_the_embedded_default_learns_from_the_masks(tmp_path):
     """The main job, shortened to 300 steps and 50 val scenes: measured val/mIoU 0.587 with the student's
-    encoder pretrained in the toy world (the shipped toy-encoder-tu-regnetx_002.pt); the resnet18 student from
+    encoder pretrained in the toy world (the shipped weights/encoders/tu-regnetx_002.pt); the resnet18 student from
     random weights gave 0.532 here (floor 0.50), with the CLIP shipped before 0.338 (floor 0.32), with the
     300-step one before it 0.295 (floor 0.26); an all-background guess scores about 0.08. The default 500
     steps on 100 val scenes: see README. One seed's figure moves with the student's random numbers by

@@ -226,7 +226,7 @@ def shipped_weights(model_name: str) -> Path:
     """The file behind ``pretrained: shipped``: weights that come with the package (the toy CLIP's)."""
     path = WEIGHTS_DIR / f"{model_name}.pt"
     if not path.is_file():
-        have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt") if not p.stem.startswith("toy-encoder-"))  # CLIPs only
+        have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
         raise FileNotFoundError(f"The package ships no weights for {model_name!r} (it has: {', '.join(have) or 'none'}). "
                                 f"{_MISSING_WEIGHTS_HELP}")
     return path

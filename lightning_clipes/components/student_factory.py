@@ -236,13 +236,13 @@ SHIPPED_ENCODER = "shipped"  # init_checkpoint tag: the package's toy-world enco
 
 def shipped_encoder(encoder_name: str) -> str:
     """The file behind ``init_checkpoint: shipped``: the toy-world encoder the package ships for
-    ``encoder_name`` (``lightning_clipes/weights/toy-encoder-<encoder_name>.pt``, written by
+    ``encoder_name`` (``lightning_clipes/weights/encoders/<encoder_name>.pt``, written by
     :class:`lightning_clipes.toy_encoder.ToyEncoder`)."""
     from lightning_clipes.components.clip_loader import WEIGHTS_DIR
 
-    path = WEIGHTS_DIR / f"toy-encoder-{encoder_name}.pt"
+    path = WEIGHTS_DIR / "encoders" / f"{encoder_name}.pt"
     if not path.is_file():
-        have = sorted(p.stem[len("toy-encoder-"):] for p in WEIGHTS_DIR.glob("toy-encoder-*.pt"))
+        have = sorted(p.stem for p in (WEIGHTS_DIR / "encoders").glob("*.pt"))
         raise FileNotFoundError(
             f"The package ships no toy-world encoder for {encoder_name!r} (it has: {', '.join(have) or 'none'}). "
             "Train one with `clipes fit -c experiments/toy_encoder.yaml --model.encoder_name NAME "
