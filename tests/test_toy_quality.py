@@ -25,11 +25,13 @@ from lightning_clipes.data.toy_captions import TOY_CLIP_NAME
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "experiments" / "synthetic.yaml"
 IMAGES = 100
-# measured on this slice (README table): CAM 59.4, + CAA 55.2, + CRF 58.1; random weights 10.6 / 13.2 / 15.8;
-# no background words 27.3 / 26.0 / 26.6; plain GradCAM 49.6 / 47.3 / 49.6. The floors never went down: the
-# CLIP shipped before (trained without CaiT-style class attention and object crops) measured 43.7 / 36.9 /
-# 37.5 here (floors 40.5 / 34.0 / 36.0), the 300-step one before it 37.5 / 36.8 / 38.7 (CAM floor 34.5).
-FLOORS = {"cam": 56.5, "caa": 52.0, "crf": 55.0}
+# measured on this slice (README table): CAM 64.6, + CAA 59.1, + CRF 62.2; random weights 10.6 / 13.2 / 15.8;
+# no background words 28.0 / 26.7 / 27.4; plain GradCAM 49.6 / 47.3 / 49.6. The floors never went down: the
+# same CLIP at its learned logit scale (19.5, shipped until its temperature was calibrated) measured 59.4 /
+# 55.2 / 58.1 here (floors 56.5 / 52.0 / 55.0), the CLIP before it (trained without CaiT-style class attention
+# and object crops) 43.7 / 36.9 / 37.5 (floors 40.5 / 34.0 / 36.0), the 300-step one before that 37.5 / 36.8 /
+# 38.7 (CAM floor 34.5).
+FLOORS = {"cam": 61.5, "caa": 56.0, "crf": 59.0}
 pytestmark = pytest.mark.slow
 
 
@@ -83,11 +85,11 @@ def test_trained_clip_is_far_above_chance(world, trained):
 
 
 def test_background_words_and_the_softmax_both_matter(world, trained):
-    """The paper's two ablations (its Table 4 and 5): each loses points."""
+    """The paper's two ablations (its Table 4 and 5): each loses points (measured at + CAA: 32.4 and 11.8)."""
     no_background = pseudo_miou(world, background="none")
     plain = pseudo_miou(world, gradcam="plain")
-    assert no_background["caa"] < trained["caa"] - 10, (no_background, trained)
-    assert plain["caa"] < trained["caa"] - 5, (plain, trained)
+    assert no_background["caa"] < trained["caa"] - 25, (no_background, trained)
+    assert plain["caa"] < trained["caa"] - 8, (plain, trained)
 
 
 def test_select_prompt_ranks_the_captions_phrasing_above_nonsense(world, tmp_path):
@@ -101,17 +103,19 @@ def test_select_prompt_ranks_the_captions_phrasing_above_nonsense(world, tmp_pat
 
 
 def test_student_of_the_embedded_default_learns_from_the_masks(tmp_path):
-    """The main job, shortened to 300 steps and 50 val scenes: measured val/mIoU 0.587 with the student's
-    encoder pretrained in the toy world (the shipped weights/encoders/tu-regnetx_002.pt); the resnet18 student from
-    random weights gave 0.532 here (floor 0.50), with the CLIP shipped before 0.338 (floor 0.32), with the
-    300-step one before it 0.295 (floor 0.26); an all-background guess scores about 0.08. The default 500
-    steps on 100 val scenes: see README. One seed's figure moves with the student's random numbers by
-    about ±0.05 (the embedded default's three seeds: 0.618 / 0.705 / 0.675)."""
-    cli = cli_main(["fit", "-c", str(SYNTHETIC), "--data.root", str(tmp_path / "VOC2012"), "--data.num_val", "50",
+    """The main job as the README runs it (500 steps, 100 val scenes, seed 0): measured val/mIoU 0.642 (seeds
+    1 / 2: 0.699 / 0.700), where its masks score 0.679; an all-background guess scores about 0.08. One seed's
+    figure moves with the student's random numbers by about ±0.05. Until the toy CLIP's softmax temperature was
+    calibrated this test ran 300 steps on 50 val scenes (floor 0.55, measured 0.587; seeds 1 / 2: 0.665 / 0.620);
+    the calibrated CLIP's masks give 0.540 / 0.681 / 0.579 there (mean 0.600 against 0.624) and 0.642 / 0.699 /
+    0.700 at 500 steps (mean 0.680 against 0.618 / 0.705 / 0.675, 0.666): the student's changes are within its
+    seeds' spread both ways, so the test now runs the length the README reports. Earlier floors: the resnet18
+    student from random weights 0.532 at 300 steps (floor 0.50), with the CLIP shipped before 0.338 (floor 0.32),
+    with the 300-step one before it 0.295 (floor 0.26)."""
+    cli = cli_main(["fit", "-c", str(SYNTHETIC), "--data.root", str(tmp_path / "VOC2012"),
                     "--data.store_dir", str(tmp_path / "store"), "--trainer.default_root_dir", str(tmp_path / "run"),
-                    "--trainer.max_steps", "300", "--trainer.val_check_interval", "300", "--trainer.logger", "false",
-                    "--trainer.enable_progress_bar", "false"])
-    assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.55
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    assert float(cli.trainer.callback_metrics["val/mIoU"]) >= 0.60
     # the pictures: image | ground truth | pseudo-label | prediction, 128-px tiles with 4-px gaps
     widths = {Image.open(p).size[0] for p in (tmp_path / "run" / "val_panels").rglob("*.jpg")}
     assert widths == {4 * 128 + 12}
