@@ -147,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--box_threshold", type=float, default=0.4)
     parser.add_argument("--affinity_layers", type=int, default=2, help="the embedded default's (experiments/synthetic.yaml)")
     parser.add_argument("--bg_power", type=float, default=1.0)
+    parser.add_argument("--logit_scale", type=float, default=1.0,
+                        help="of GradCAM's softmax, the embedded default's (experiments/synthetic.yaml); 0: the CLIP's own")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random-weights row")
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"], help="the labeller's autocast")
     parser.add_argument("--rows", default="trained,random,no_background,plain_gradcam")
@@ -172,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         background = [] if row == "no_background" else list(TOY_BACKGROUNDS)
         clipes = CLIPES(clip, list(TOY_CLASSES), background, [args.template], box_threshold=args.box_threshold,
                         affinity_layers=min(args.affinity_layers, len(clip.model.visual.transformer.resblocks)),
-                        softmax=row != "plain_gradcam", precision=args.precision)
+                        softmax=row != "plain_gradcam", logit_scale=args.logit_scale or None, precision=args.precision)
         maps = class_maps(clipes, images, labels)
         rows[row], preds = evaluate(maps, images, gts, args.bg_power, crfs)
         if args.per_background:

@@ -48,6 +48,8 @@ class CLIPESLabeler(L.LightningModule):
         affinity_layers: last blocks whose attention forms the affinity (8 in the paper).
         bg_power: background exponent t in ``(1 - max cam)^t`` (the reference's CRF path uses 1).
         gradcam: ``softmax`` (CLIP-ES) or ``plain`` (GradCAM of the raw logit, the paper's ablation).
+        softmax_logit_scale: the scale of the cosine similarities in GradCAM's softmax; ``null`` = the
+            CLIP's own (method §3). The toy CLIP's learned 19.5 saturates it (experiments/synthetic.yaml).
         crf: refine the training masks with the dense CRF and take confidence = max Q (the paper's
             pipeline, default); ``false`` = the CAA argmax with our own confidence (the winning share of
             [background, cams]; the paper defines none without the CRF).
@@ -83,6 +85,7 @@ class CLIPESLabeler(L.LightningModule):
         affinity_layers: int = 8,
         bg_power: float = 1.0,
         gradcam: Literal["softmax", "plain"] = "softmax",
+        softmax_logit_scale: Optional[float] = None,
         crf: bool = True,
         crf_params: CRFParams = CRFParams(),
         crf_workers: Optional[int] = None,
@@ -109,7 +112,7 @@ class CLIPESLabeler(L.LightningModule):
         self.clipes = CLIPES(
             clip, self.class_names, background_words, check_templates(templates), box_threshold=box_threshold,
             affinity_layers=min(affinity_layers, depth), softmax=gradcam == "softmax", max_side=max_side,
-            precision=precision, reference_order=reference_order,
+            logit_scale=softmax_logit_scale, precision=precision, reference_order=reference_order,
         )
         # Plain attributes, not save_hyperparameters(): LightningCLI hands the *model's* hparams to
         # every LightningModule it builds, and this one is often nested under data.labeler.
@@ -119,6 +122,8 @@ class CLIPESLabeler(L.LightningModule):
             "box_threshold": box_threshold, "affinity_layers": min(affinity_layers, depth), "bg_power": bg_power,
             "gradcam": gradcam, "crf": dataclasses.asdict(crf_params) if crf else None, "max_side": max_side,
             "precision": precision, "reference_order": reference_order,
+            # only when set, so that the stores of labelers at the CLIP's own scale keep their keys
+            **({"softmax_logit_scale": softmax_logit_scale} if softmax_logit_scale is not None else {}),
         }
         self.bg_power, self.crf_workers = bg_power, crf_workers
         self._crf_params = crf_params if crf else None

@@ -151,22 +151,16 @@ class ToyCLIP(L.LightningModule):
             with other settings; the learning-rate schedule starts again (warm-up, then cosine).
         export_path: where the compact weights go when ``fit`` ends (``null``: not exported; never
             under ``fast_dev_run``).
-        export_logit_scale: the logit scale written into the exported CLIP (``null``: the learned one).
-            Training keeps learning its own; the export replaces it, as a temperature calibration of
-            the finished CLIP that the labeler then reads as the CLIP's scale (method §3).
     """
 
     def __init__(self, model_name: str = TOY_CLIP_NAME, lr: float = 1e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 30, min_lr_ratio: float = 0.05, token_keep: float = 1.0,
                  attention_init: str = "similarity", attention_gain: float = 2.0, query_key: str = "fixed",
                  class_token_blocks: Optional[int] = None, init_weights: Optional[str] = None,
-                 export_path: Optional[str] = None, export_logit_scale: Optional[float] = None) -> None:
+                 export_path: Optional[str] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_name, self.export_path = model_name, export_path
-        if export_logit_scale is not None and not export_logit_scale > 0:
-            raise ValueError(f"export_logit_scale must be null or positive, got {export_logit_scale}.")
-        self.export_logit_scale = export_logit_scale
         self.lr, self.weight_decay, self.warmup_steps, self.min_lr_ratio = lr, weight_decay, warmup_steps, min_lr_ratio
         self.token_keep = token_keep
         if class_token_blocks is not None and class_token_blocks < 1:
@@ -259,11 +253,8 @@ class ToyCLIP(L.LightningModule):
     def export(self, path: str) -> Path:
         """Write the compact weights (float16, world's token rows only) that ``load_clip`` reads."""
         path = Path(path).expanduser()
-        state = dict(self.clip.state_dict())
-        if self.export_logit_scale is not None:  # stored as its log, as open_clip's CLIP keeps it
-            state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(self.export_logit_scale))
         buf = io.BytesIO()
-        torch.save(compact_state_dict(state, self.model_name), buf)
+        torch.save(compact_state_dict(self.clip.state_dict(), self.model_name), buf)
         atomic_write_bytes(path, buf.getvalue())
         return path
 

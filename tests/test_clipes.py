@@ -161,3 +161,24 @@ def test_background_score_and_labels_by_hand():
     torch.testing.assert_close(background_score(cams, 1.0), torch.tensor([[0.1, 0.4], [0.9, 1.0]]))
     torch.testing.assert_close(background_score(cams, 2.0), torch.tensor([[0.01, 0.16], [0.81, 1.0]]))
     assert cams_to_label(cams, keys, 1.0).tolist() == [[15, 3], [0, 0]]
+
+
+def test_logit_scale_replaces_the_clips_own_in_the_softmax(tiny_clip, clipes):
+    """A CLIPES run cooler equals, literally, the same CLIP with that scale written into its weights."""
+    import copy
+    import math
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    cooled = CLIPES(tiny_clip, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2, logit_scale=2.0)
+    twin = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        twin.model.logit_scale.fill_(math.log(2.0))
+    twin_clipes = CLIPES(twin, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2)
+    (got,) = cooled([cooled.preprocess(image)], [[4, 9]], [(48, 64)])
+    torch.testing.assert_close(got.cams, literal_clipes(twin_clipes, image, [4, 9]), rtol=1e-3, atol=2e-4)
+    (own,) = clipes([clipes.preprocess(image)], [[4, 9]], [(48, 64)])
+    assert float(tiny_clip.model.logit_scale.exp()) != pytest.approx(2.0)
+    assert not torch.allclose(got.cams, own.cams, atol=1e-3)  # the CLIP's own scale gives other maps
+    with pytest.raises(ValueError, match="logit_scale"):
+        CLIPES(tiny_clip, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2, logit_scale=0.0)

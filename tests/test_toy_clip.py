@@ -133,22 +133,6 @@ def test_exported_weights_round_trip_through_load_clip(trained):
     assert expand_compact_state_dict(torch.load(path, weights_only=True))["token_embedding.weight"].shape == (49408, 32)
 
 
-def test_export_logit_scale_replaces_only_the_learned_scale(trained, tmp_path):
-    module, _, _, path = trained
-    learned = float(module.clip.logit_scale.exp())
-    module.export_logit_scale = 1.0
-    try:
-        calibrated = load_clip(TINY, str(module.export(str(tmp_path / "t1.pt")))).model.state_dict()
-    finally:
-        module.export_logit_scale = None
-    plain = load_clip(TINY, str(path)).model.state_dict()
-    assert abs(learned - 1.0) > 0.5 and float(calibrated["logit_scale"].exp()) == 1.0  # exp(log 1) exactly
-    assert all(torch.equal(calibrated[k], v) for k, v in plain.items() if k != "logit_scale")
-    assert float(plain["logit_scale"].exp()) == pytest.approx(learned, rel=1e-3)  # null: the learned one
-    with pytest.raises(ValueError, match="export_logit_scale"):
-        ToyCLIP(model_name=TINY, export_logit_scale=0.0)
-
-
 def test_a_plain_state_dict_of_our_config_loads_by_its_model_name(trained, tmp_path):
     """open_clip's state dict has OpenAI's keys, but our configs are not OpenAI's architecture (MLP ratio)."""
     module = trained[0]

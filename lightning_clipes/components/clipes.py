@@ -1,6 +1,7 @@
 """CLIP-ES as a plain ``nn.Module``: images + image-level labels -> class maps (method §1-§4)."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -68,6 +69,8 @@ class CLIPES(nn.Module):
         sinkhorn_rounds: column/row normalisation rounds (3 in the paper).
         softmax: GradCAM of the softmax probability (CLIP-ES); ``False`` = of the raw logit (plain
             GradCAM, the paper's ablation).
+        logit_scale: the scale of the cosine similarities in that softmax; ``None`` = the CLIP's own
+            (method §3). A CLIP whose learned scale saturates the softmax can be run cooler.
         max_side: cap on the long side of the ViT's input (maps still come back at full size); ``None``
             = no cap, the reference's behaviour.
         precision: ``32``, ``bf16``, ``16`` (autocast of the ViT; GradCAM reductions and CAA stay in
@@ -87,6 +90,7 @@ class CLIPES(nn.Module):
         affinity_layers: int = 8,
         sinkhorn_rounds: int = 3,
         softmax: bool = True,
+        logit_scale: Optional[float] = None,
         max_side: Optional[int] = None,
         precision: str = "32",
         reference_order: bool = False,
@@ -107,6 +111,9 @@ class CLIPES(nn.Module):
         self.affinity_layers = affinity_layers
         self._lowp_visual: Optional[tuple[tuple, nn.Module]] = None  # (key, copy); a tuple, so not a submodule
         self.softmax, self.max_side = softmax, max_side
+        if logit_scale is not None and not logit_scale > 0:
+            raise ValueError(f"logit_scale must be null (the CLIP's own) or positive, got {logit_scale}.")
+        self.logit_scale = logit_scale
         self.precision, self.reference_order = precision, reference_order
         # reference_order encodes as the reference does: one call per name, over the padding too (last bits)
         for key, names in (("fg_text", self.class_names), ("bg_text", list(background))):
@@ -186,7 +193,9 @@ class CLIPES(nn.Module):
         depth = len(visual.transformer.resblocks)
         tokens, attns, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
         gradcam = softmax_gradcam_reference_order if self.reference_order else softmax_gradcam
-        cams, attn_last = gradcam(visual, self.clip.logit_scale, tokens, grid, self.fg_text, self.bg_text, labels,
+        log_scale = self.clip.logit_scale if self.logit_scale is None else torch.tensor(
+            math.log(self.logit_scale), device=self.clip.logit_scale.device)  # stored as its log, as CLIP's
+        cams, attn_last = gradcam(visual, log_scale, tokens, grid, self.fg_text, self.bg_text, labels,
                                   softmax=self.softmax)
         with torch.autocast(images.device.type, enabled=False):  # CAA in float32
             attn = torch.stack([*attns, attn_last]).float().mean(dim=0)  # (B, N, N), mean over the last blocks
