@@ -1,4 +1,7 @@
 """The whole CLIPES module: literal composition of §2-§4, batching, frozen state, odd sizes."""
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -165,9 +168,6 @@ def test_background_score_and_labels_by_hand():
 
 def test_logit_scale_replaces_the_clips_own_in_the_softmax(tiny_clip, clipes):
     """A CLIPES run cooler equals, literally, the same CLIP with that scale written into its weights."""
-    import copy
-    import math
-
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     cooled = CLIPES(tiny_clip, VOC_PROMPT_NAMES, VOC_BACKGROUND, [CLIPES_TEMPLATE], affinity_layers=2, logit_scale=2.0)

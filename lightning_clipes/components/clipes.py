@@ -113,7 +113,9 @@ class CLIPES(nn.Module):
         self.softmax, self.max_side = softmax, max_side
         if logit_scale is not None and not logit_scale > 0:
             raise ValueError(f"logit_scale must be null (the CLIP's own) or positive, got {logit_scale}.")
-        self.logit_scale = logit_scale
+        # stored as its log, as CLIP's; a buffer, so it follows the module to its device (None: the CLIP's own)
+        log_scale = None if logit_scale is None else torch.tensor(math.log(logit_scale))
+        self.register_buffer("softmax_log_scale", log_scale, persistent=False)
         self.precision, self.reference_order = precision, reference_order
         # reference_order encodes as the reference does: one call per name, over the padding too (last bits)
         for key, names in (("fg_text", self.class_names), ("bg_text", list(background))):
@@ -193,8 +195,7 @@ class CLIPES(nn.Module):
         depth = len(visual.transformer.resblocks)
         tokens, attns, grid = run_frozen_blocks(visual, images, attn_from=depth - self.affinity_layers)
         gradcam = softmax_gradcam_reference_order if self.reference_order else softmax_gradcam
-        log_scale = self.clip.logit_scale if self.logit_scale is None else torch.tensor(
-            math.log(self.logit_scale), device=self.clip.logit_scale.device)  # stored as its log, as CLIP's
+        log_scale = self.clip.logit_scale if self.softmax_log_scale is None else self.softmax_log_scale
         cams, attn_last = gradcam(visual, log_scale, tokens, grid, self.fg_text, self.bg_text, labels,
                                   softmax=self.softmax)
         with torch.autocast(images.device.type, enabled=False):  # CAA in float32
