@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_clipes.components.provenance import replacement_report, training_environment
 from lightning_clipes.components.student_factory import create_student, encoder_normalisation
 from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
@@ -98,16 +99,21 @@ class ToyEncoder(L.LightningModule):
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR(opt, factor), "interval": "step"}}
 
-    def export(self, path: str) -> Path:
-        """Write the encoder's weights (float16, keys ``encoder.…``) where ``init_checkpoint`` can load them."""
+    def export(self, path: str) -> str:
+        """Write the encoder's weights (float16, keys ``encoder.…``, under ``"state_dict"``) where
+        ``init_checkpoint`` can load them, with the software and processor they were trained on
+        (``"trained_with"``); returns a line saying where, and whether the tensors equal those of the
+        file replaced (:func:`replacement_report`)."""
         path = Path(path).expanduser()
         state = {f"encoder.{k}": (v.half() if v.is_floating_point() else v).clone()
                  for k, v in self.encoder.state_dict().items()}
+        ckpt = {"state_dict": state, "trained_with": training_environment(self.device)}
+        report = replacement_report(path, ckpt, ckpt["trained_with"])
         buf = io.BytesIO()
-        torch.save(state, buf)
+        torch.save(ckpt, buf)
         atomic_write_bytes(path, buf.getvalue())
-        return path
+        return f"weights written to {path} ({report})"
 
     def on_fit_end(self) -> None:
         if self.export_path and not self.trainer.fast_dev_run and self.trainer.is_global_zero:
-            print(f"ToyEncoder: weights written to {self.export(self.export_path)}")
+            print(f"ToyEncoder: {self.export(self.export_path)}")

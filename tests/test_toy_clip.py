@@ -13,6 +13,7 @@ import torch
 
 from lightning_clipes.cli import cli_main
 from lightning_clipes.components.clip_loader import expand_compact_state_dict, load_clip, register_clip_config
+from lightning_clipes.components.provenance import training_environment
 from lightning_clipes.data.toy_scenes import TOY_BACKGROUNDS, TOY_CLASSES
 from lightning_clipes.data.toy_captions import (
     FIRST_CLIP_INDEX, TOY_CLIP_NAME, TOY_TEMPLATE, ToyCaptionDataModule, caption, world_token_ids,
@@ -131,6 +132,23 @@ def test_exported_weights_round_trip_through_load_clip(trained):
     with pytest.raises(ValueError, match="set model_name"):
         load_clip(TOY_CLIP_NAME, str(path))
     assert expand_compact_state_dict(torch.load(path, weights_only=True))["token_embedding.weight"].shape == (49408, 32)
+
+
+def test_export_records_its_software_and_says_whether_it_rewrote_the_same_tensors(trained, tmp_path):
+    module, _, _, path = trained
+    assert torch.load(path, weights_only=True)["trained_with"]["torch"] == training_environment()["torch"]
+    copy = tmp_path / "copy.pt"
+    assert module.export(str(copy)) == f"weights written to {copy} (new file)"
+    assert module.export(str(copy)) == f"weights written to {copy} (the same tensors as the file it replaces)"
+    with torch.no_grad():
+        module.clip.visual.proj[0, 0] += 1.0
+    try:
+        message = module.export(str(copy))
+    finally:
+        with torch.no_grad():
+            module.clip.visual.proj[0, 0] -= 1.0
+    total = len(module.clip.state_dict()) + 1  # token_embedding.weight is stored as two: its rows and their index
+    assert message.endswith(f"(1 of {total} tensors differ from the file it replaces, trained on the same software and processor)")
 
 
 def test_a_plain_state_dict_of_our_config_loads_by_its_model_name(trained, tmp_path):

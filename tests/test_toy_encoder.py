@@ -12,6 +12,7 @@ import yaml
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from lightning_clipes import SegmentationStudent
+from lightning_clipes.components.provenance import training_environment
 from lightning_clipes.components.student_factory import shipped_encoder
 from lightning_clipes.data.toy_captions import ToyCaptionDataModule
 from lightning_clipes.toy_encoder import ToyEncoder
@@ -64,7 +65,9 @@ def test_training_lowers_the_classification_loss(exported):
 
 def test_export_loads_into_a_student_encoder_and_leaves_the_decoder_fresh(exported):
     module, path, _, _ = exported
-    state = torch.load(path, weights_only=True)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["trained_with"]["torch"] == training_environment()["torch"]
+    state = ckpt["state_dict"]
     assert all(k.startswith("encoder.") for k in state)
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     L.seed_everything(1)
