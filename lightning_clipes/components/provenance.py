@@ -38,17 +38,17 @@ def cpu_name() -> str:
 def training_environment(device: Optional[torch.device] = None) -> dict[str, str]:
     """``{"python": "3.11.7", "torch": "2.14.1", ..., "cpu": "AMD EPYC", "cpu_capability": "AVX2"}`` of this
     install and machine (a package that is absent is left out); ``"gpu"`` too when ``device`` is a CUDA one."""
-    versions = {"python": platform.python_version()}
+    record = {"python": platform.python_version()}
     for name in TRAINING_SOFTWARE:
         try:
-            versions[name] = metadata.version(name)
+            record[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    versions["cpu"] = cpu_name()
-    versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels ATen dispatches to
+    record["cpu"] = cpu_name()
+    record["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels ATen dispatches to
     if device is not None and torch.device(device).type == "cuda":
-        versions["gpu"] = torch.cuda.get_device_name(device)
-    return versions
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def _tensors(mapping: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
