@@ -11,9 +11,7 @@ embedding rows of the world's vocabulary, the rest of open_clip's 49,408 rows he
 """
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -25,8 +23,7 @@ from open_clip.loss import ClipLoss
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_clipes.components.clip_loader import compact_state_dict, load_clip
-from lightning_clipes.components.provenance import replacement_report, training_environment
-from lightning_clipes.data.store import atomic_write_bytes
+from lightning_clipes.components.provenance import write_weights
 from lightning_clipes.data.toy_captions import TOY_CLIP_NAME, TOY_TEMPLATE, world_token_ids
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
@@ -254,15 +251,8 @@ class ToyCLIP(L.LightningModule):
     def export(self, path: str) -> str:
         """Write the compact weights (float16, world's token rows only) that ``load_clip`` reads, with the
         software and processor they were trained on (``"trained_with"``); returns a line saying where, and
-        whether the tensors equal those of the file replaced (:func:`replacement_report`)."""
-        path = Path(path).expanduser()
-        ckpt = compact_state_dict(self.clip.state_dict(), self.model_name)
-        ckpt["trained_with"] = training_environment(self.device)
-        report = replacement_report(path, ckpt, ckpt["trained_with"])
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        atomic_write_bytes(path, buf.getvalue())
-        return f"weights written to {path} ({report})"
+        whether the tensors equal those of the file replaced (:func:`~lightning_clipes.components.provenance.write_weights`)."""
+        return write_weights(path, compact_state_dict(self.clip.state_dict(), self.model_name), self.device)
 
     def on_fit_end(self) -> None:
         if self.export_path and not self.trainer.fast_dev_run and self.trainer.is_global_zero:

@@ -13,9 +13,7 @@ segmentation_head])`` loads; ``init_checkpoint: shipped`` picks the package's ow
 """
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -24,9 +22,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_clipes.components.provenance import replacement_report, training_environment
+from lightning_clipes.components.provenance import write_weights
 from lightning_clipes.components.student_factory import create_student, encoder_normalisation
-from lightning_clipes.data.store import atomic_write_bytes
 from lightning_clipes.data.toy_scenes import TOY_CLASSES
 
 class ToyEncoder(L.LightningModule):
@@ -103,16 +100,10 @@ class ToyEncoder(L.LightningModule):
         """Write the encoder's weights (float16, keys ``encoder.…``, under ``"state_dict"``) where
         ``init_checkpoint`` can load them, with the software and processor they were trained on
         (``"trained_with"``); returns a line saying where, and whether the tensors equal those of the
-        file replaced (:func:`replacement_report`)."""
-        path = Path(path).expanduser()
+        file replaced (:func:`~lightning_clipes.components.provenance.write_weights`)."""
         state = {f"encoder.{k}": (v.half() if v.is_floating_point() else v).clone()
                  for k, v in self.encoder.state_dict().items()}
-        ckpt = {"state_dict": state, "trained_with": training_environment(self.device)}
-        report = replacement_report(path, ckpt, ckpt["trained_with"])
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        atomic_write_bytes(path, buf.getvalue())
-        return f"weights written to {path} ({report})"
+        return write_weights(path, {"state_dict": state}, self.device)
 
     def on_fit_end(self) -> None:
         if self.export_path and not self.trainer.fast_dev_run and self.trainer.is_global_zero:

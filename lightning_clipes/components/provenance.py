@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+import io
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+
+from lightning_clipes.data.store import atomic_write_bytes
 
 # the distributions whose arithmetic or random draws reach the weights (data rendering included)
 TRAINING_SOFTWARE = ("torch", "open_clip_torch", "lightning", "numpy", "pillow", "timm", "segmentation_models_pytorch")
@@ -98,3 +101,15 @@ def replacement_report(path: Path, new: Mapping, new_record: Optional[Mapping[st
     if changed:
         return text + "; its training record differs: " + ", ".join(changed)
     return text + ", trained on the same software and processor"
+
+
+def write_weights(path: str | Path, ckpt: dict, device: Optional[torch.device] = None) -> str:
+    """Save ``ckpt`` (a dict of tensors) at ``path`` atomically, with its training record added under
+    ``"trained_with"``; returns ``"weights written to PATH (REPORT)"``, :func:`replacement_report`'s."""
+    path = Path(path).expanduser()
+    ckpt = {**ckpt, "trained_with": training_environment(device)}
+    report = replacement_report(path, ckpt, ckpt["trained_with"])
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return f"weights written to {path} ({report})"
