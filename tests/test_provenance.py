@@ -9,11 +9,13 @@ import torch
 from lightning_clipes.components.provenance import replacement_report, training_environment, tensor_differences
 
 
-def test_training_environment_name_this_install():
-    versions = training_environment()
-    assert versions["python"] == platform.python_version()
-    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"] == torch.__version__
-    assert {"numpy", "open_clip_torch", "lightning"} <= set(versions)
+def test_training_environment_names_this_install_and_processor():
+    record = training_environment()
+    assert record["python"] == platform.python_version()
+    assert record["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    assert {"numpy", "open_clip_torch", "lightning"} <= set(record)
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu"]
+    assert "gpu" not in training_environment(torch.device("cpu"))
 
 
 def test_tensor_differences_on_hand_made_dicts():

@@ -7,14 +7,14 @@ kernels down other code paths whose last bits differ, and a few hundred steps gr
 another draw of the recipe (measured: docs/toy_clip_history.md, 2026-12-03). So an export records the
 software and the processor it ran on (:func:`training_environment`), and before it replaces a file it says
 whether its tensors equal the old ones and, if not, what differs in that record
-(:func:`replacement_report`): re-running ``clipes fit -c experiments/toy_clip.yaml`` tells at once
-whether the shipped file was reproduced, and if not, why it could not be.
+(:func:`replacement_report`; both through :func:`write_weights`): re-running ``clipes fit -c
+experiments/toy_clip.yaml`` tells at once whether the shipped file was reproduced, and if not, why.
 """
 from __future__ import annotations
 
+import io
 import platform
 from importlib import metadata
-import io
 from pathlib import Path
 from typing import Mapping, Optional
 
