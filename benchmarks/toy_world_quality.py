@@ -1,7 +1,7 @@
 """Pseudo-label quality in the toy world: CAM / + CAA / + CRF mIoU of CLIP-ES with the shipped toy CLIP.
 
     python benchmarks/toy_world_quality.py [--images 200] [--split train] [--weights PATH] [--panels DIR]
-        [--per_class] [--per_background] [--worst N]
+        [--per_class] [--per_background] [--worst N] [--image_scale 3]
 
 Rows: the trained toy CLIP; the same architecture with random weights (chance level); and the
 paper's ablations with the trained weights: no background words, and plain GradCAM (gradient of
@@ -9,6 +9,8 @@ the class logit instead of its softmax probability). mIoU with background over `
 accumulated over the first ``--images`` images of the split (the world is written first when
 ``--root`` does not hold it). The CRF runs on the CAA maps with the paper's parameters and with
 its two spatial widths scaled to the image size (the paper's were made for ~500 px images).
+``--image_scale`` enlarges every image and its ground truth first (inference only), as VOC's ~500-px
+images meet CLIP's 224-px training: the probe of docs/toy_clip_history.md, 2026-12-08.
 """
 from __future__ import annotations
 
@@ -49,6 +51,19 @@ def read_items(root: Path, split: str, count: int):
     n = min(count, len(data.ids))
     return (data.ids[:n], [load_rgb(p) for p in data.image_paths[:n]], data.labels[:n],
             [load_mask(p) for p in data.gt_paths[:n]])
+
+
+def enlarge(images, gts, factor: float):
+    """Images (bicubic) and ground truths (nearest, so labels stay labels) resized by ``factor``."""
+    if factor == 1:
+        return images, gts
+    from PIL import Image
+
+    def size(a: np.ndarray) -> tuple[int, int]:
+        return round(a.shape[1] * factor), round(a.shape[0] * factor)
+
+    return ([np.asarray(Image.fromarray(i).resize(size(i), Image.BICUBIC)) for i in images],
+            [np.asarray(Image.fromarray(g).resize(size(g), Image.NEAREST)) for g in gts])
 
 
 def class_maps(clipes: CLIPES, images, labels, batch_size: int = 16):
@@ -145,6 +160,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--weights", default=SHIPPED)  # the package's toy CLIP (weights/<model_name>.pt)
     parser.add_argument("--template", default=TOY_TEMPLATE)
     parser.add_argument("--box_threshold", type=float, default=0.4)
+    parser.add_argument("--image_scale", type=float, default=1.0,
+                        help="enlarge images (bicubic) and ground truths (nearest) by this factor before the labeller")
     parser.add_argument("--affinity_layers", type=int, default=2, help="the embedded default's (experiments/synthetic.yaml)")
     parser.add_argument("--bg_power", type=float, default=1.0)
     parser.add_argument("--logit_scale", type=float, default=1.0,
@@ -164,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     root = Path(args.root)
     ToyWorldSource(root, **(read_marker(root / MARKER) or {})).prepare()  # a world already there: as it was written
     ids, images, labels, gts = read_items(root, args.split, args.images)
+    images, gts = enlarge(images, gts, args.image_scale)
     side = int(np.median([max(im.shape[:2]) for im in images]))
     crfs = [CRFParams(), scaled_crf(CRFParams(), side)]
     rows, label_maps, losses = {}, {}, {}  # per row: label maps for --per_background, pixels lost to CAA for --worst
@@ -186,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             picked = ([seq[i] for i in chosen] for seq in (ids, images, maps, preds, gts))
             save_panels(Path(args.panels), *picked, row, len(chosen))
         rows[row]["seconds"] = time.perf_counter() - start
-    print(f"\n{len(ids)} images of {args.split} ({root}), template {args.template!r}, box {args.box_threshold}, "
+    print(f"\n{len(ids)} images of {args.split} ({root}), template {args.template!r}, image scale {args.image_scale:g}, box {args.box_threshold}, "
           f"affinity layers {args.affinity_layers}, bg power {args.bg_power}, precision {args.precision}; CRF scaled: sxy "
           f"{crfs[1].gaussian_sxy:g}/{crfs[1].bilateral_sxy:g}\n")
     print("| labeler | CAM | + CAA | + CRF (paper) | + CRF (scaled) |")
